@@ -1,0 +1,1 @@
+"""Answering: prompt building, generation, citation verification and the `ask` pipeline."""

@@ -1,0 +1,182 @@
+"""Local generation with transformers + PEFT: streaming, batched, and per-request adapters.
+
+One base model per process. Adapters are loaded into it once (PEFT keeps them side by side) and
+chosen per request with PEFT's `adapter_names`, so no request changes global adapter state, and the
+base route runs as "__base__" with every adapter bypassed. A lock serialises calls into the model:
+on a CPU, concurrent forwards only contend for the same cores.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from assistant.errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+BASE_ROUTE = "__base__"
+
+
+@dataclass
+class GenerationSettings:
+    """Decoding settings recorded with every answer. Greedy by default so answers are reproducible."""
+
+    max_new_tokens: int = 200
+    # SmolLM2-135M loops on greedy decoding without a mild penalty
+    repetition_penalty: float = 1.1
+    do_sample: bool = False
+    temperature: float = 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def generate_kwargs(self, tokenizer: Any) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": self.max_new_tokens,
+            "repetition_penalty": self.repetition_penalty,
+            "do_sample": self.do_sample,
+            "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+        }
+        if self.do_sample:
+            kwargs["temperature"] = self.temperature
+        else:
+            # the model's generation_config may carry sampling defaults that greedy decoding ignores noisily
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+
+class LocalGenerator:
+    """Generate with one in-process base model and any number of loaded PEFT adapters."""
+
+    backend = "local"
+
+    def __init__(self, model: Any, tokenizer: Any, model_name: str, model_fingerprint: str) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.model_fingerprint = model_fingerprint
+        self.lock = threading.RLock()
+        self.adapters: dict[str, str] = {}
+
+    @property
+    def dtype(self) -> str:
+        return str(next(self.model.parameters()).dtype).removeprefix("torch.")
+
+    # adapters
+
+    def load_adapter(self, name: str, path: Path) -> None:
+        """Load a PEFT adapter folder under `name`; the caller has verified its base fingerprint."""
+        from peft import PeftModel
+
+        with self.lock:
+            if name in self.adapters:
+                return
+            start = time.perf_counter()
+            try:
+                if isinstance(self.model, PeftModel):
+                    self.model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+                else:
+                    self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name,
+                                                           is_trainable=False)
+            except (OSError, ValueError) as err:
+                raise ModelError(f"could not load adapter {name!r} from {str(path)!r}: {err}") from err
+            self.model.eval()
+            self.adapters[name] = str(path)
+            logger.info("adapter %s loaded in %.0f ms", name, (time.perf_counter() - start) * 1e3)
+
+    def unload_adapter(self, name: str) -> None:
+        with self.lock:
+            if name in self.adapters:
+                self.model.delete_adapter(name)
+                del self.adapters[name]
+
+    def _adapter_kwargs(self, adapters: list[str | None]) -> dict[str, Any]:
+        unknown = sorted({a for a in adapters if a and a not in self.adapters})
+        if unknown:
+            raise ModelError(f"adapter(s) {unknown} are not loaded; loaded: {sorted(self.adapters) or 'none'}")
+        if not self.adapters:
+            return {}
+        return {"adapter_names": [a or BASE_ROUTE for a in adapters]}
+
+    # encoding
+
+    def encode(self, messages_list: list[list[dict[str, str]]]) -> dict[str, Any]:
+        """Render each conversation with the chat template and left-pad them into one batch.
+
+        Token ids come straight from the template (tokenize=True), so special tokens appear once:
+        re-tokenizing rendered text with add_special_tokens=True would add a second BOS.
+        """
+        import torch
+
+        rows = []
+        for messages in messages_list:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            if hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+            rows.append(list(ids))
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
+        attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+        device = next(self.model.parameters()).device
+        return {"input_ids": input_ids.to(device), "attention_mask": attention.to(device)}
+
+    # generation
+
+    def generate_batch(self, messages_list: list[list[dict[str, str]]], adapters: list[str | None] | None = None,
+                       settings: GenerationSettings | None = None) -> list[str]:
+        """Generate for several conversations in one call; each row may use its own adapter."""
+        import torch
+
+        settings = settings or GenerationSettings()
+        adapters = adapters or [None] * len(messages_list)
+        if len(adapters) != len(messages_list):
+            raise ValueError("adapters must list one entry (or None) per conversation")
+        inputs = self.encode(messages_list)
+        with self.lock, torch.inference_mode():
+            output = self.model.generate(**inputs, **settings.generate_kwargs(self.tokenizer),
+                                         **self._adapter_kwargs(adapters))
+        width = inputs["input_ids"].shape[1]
+        return [self.tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in output]
+
+    def generate(self, messages: list[dict[str, str]], adapter: str | None = None,
+                 settings: GenerationSettings | None = None) -> str:
+        return self.generate_batch([messages], [adapter], settings)[0]
+
+    def stream(self, messages: list[dict[str, str]], adapter: str | None = None,
+               settings: GenerationSettings | None = None) -> Iterator[str]:
+        """Yield decoded text pieces as they are generated; the lock is held until generation ends."""
+        import torch
+        from transformers import TextIteratorStreamer
+
+        settings = settings or GenerationSettings()
+        inputs = self.encode([messages])
+        adapter_kwargs = self._adapter_kwargs([adapter])
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                with torch.inference_mode():
+                    self.model.generate(**inputs, **settings.generate_kwargs(self.tokenizer), streamer=streamer,
+                                        **adapter_kwargs)
+            except BaseException as err:  # reported to the consumer below
+                failure.append(err)
+                streamer.end()
+
+        with self.lock:
+            worker = threading.Thread(target=run, name="bedside-generate", daemon=True)
+            worker.start()
+            try:
+                yield from streamer
+            finally:
+                worker.join()
+        if failure:
+            raise ModelError(f"generation failed: {failure[0]}") from failure[0]

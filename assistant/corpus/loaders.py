@@ -1,0 +1,441 @@
+"""One loader per source format, chosen by a registry keyed on file suffix.
+
+Each loader takes a path and returns a list of `Document`s or raises `CorpusError` naming the file
+and the fix. `load_corpus` walks files and folders, reports every bad file and keeps going.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from xml.etree.ElementTree import Element, ParseError
+
+import yaml
+from defusedxml import ElementTree as SafeET
+from defusedxml.common import DefusedXmlException
+from tqdm.auto import tqdm
+
+from assistant.corpus.document import Document, Section
+from assistant.corpus.text import collapse_whitespace, markdown_table, normalize_date, read_utf8
+from assistant.errors import CorpusError
+
+logger = logging.getLogger(__name__)
+
+Loader = Callable[[Path], list[Document]]
+
+
+@dataclass
+class LoadReport:
+    """What `load_corpus` read, and every file or line it skipped with the reason."""
+
+    documents: list[Document] = field(default_factory=list)
+    problems: list[tuple[str, str]] = field(default_factory=list)
+    files: int = 0
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "document"
+
+
+# Markdown and plain text
+
+_FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*(?:\n|\Z)", re.DOTALL)
+_HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
+
+
+def _front_matter(text: str, path: Path) -> tuple[dict, str]:
+    match = _FRONT_MATTER.match(text)
+    if not match:
+        return {}, text
+    try:
+        meta = yaml.safe_load(match.group(1)) or {}
+    except yaml.YAMLError as err:
+        raise CorpusError(f"front matter of {str(path)!r} is not valid YAML: {err}") from err
+    if not isinstance(meta, dict):
+        raise CorpusError(f"front matter of {str(path)!r} must be a mapping of field: value")
+    return meta, text[match.end():]
+
+
+def _markdown_sections(body: str) -> tuple[str | None, list[Section]]:
+    """Split Markdown at headings; a section's title is its heading path below the document's H1."""
+    h1: str | None = None
+    path: list[tuple[int, str]] = []
+    sections: list[Section] = []
+    lines: list[str] = []
+
+    def flush() -> None:
+        text = "\n".join(lines).strip()
+        if text:
+            title = " > ".join(t for _, t in path) or None
+            sections.append(Section(text=text, title=title))
+        lines.clear()
+
+    for line in body.splitlines():
+        match = _HEADING.match(line)
+        if not match:
+            lines.append(line)
+            continue
+        flush()
+        level, title = len(match.group(1)), match.group(2)
+        if level == 1 and h1 is None and not sections:
+            h1 = title
+            continue
+        path = [(lvl, t) for lvl, t in path if lvl < level] + [(level, title)]
+    flush()
+    return h1, sections
+
+
+def _document_from_meta(meta: dict, path: Path, default_title: str, sections: list[Section]) -> Document:
+    doc_id = str(meta.get("id") or slug(path.stem))
+    return Document(
+        doc_id=doc_id,
+        title=str(meta.get("title") or default_title),
+        sections=sections,
+        source=str(meta.get("source") or meta.get("url") or path.as_posix()),
+        date=normalize_date(meta.get("date"), path),
+        specialty=str(meta["specialty"]) if meta.get("specialty") else None,
+        issuer=str(meta["issuer"]) if meta.get("issuer") else None,
+        version=str(meta["version"]) if meta.get("version") is not None else None,
+    )
+
+
+def load_markdown(path: Path) -> list[Document]:
+    meta, body = _front_matter(read_utf8(path), path)
+    h1, sections = _markdown_sections(body)
+    if not sections:
+        raise CorpusError(f"{str(path)!r} has no text after its front matter")
+    return [_document_from_meta(meta, path, h1 or path.stem, sections)]
+
+
+def load_text(path: Path) -> list[Document]:
+    text = collapse_whitespace(read_utf8(path))
+    if not text:
+        raise CorpusError(f"{str(path)!r} is empty")
+    return [_document_from_meta({}, path, path.stem.replace("_", " ").replace("-", " "), [Section(text)])]
+
+
+# HTML
+
+def load_html(path: Path) -> list[Document]:
+    from bs4 import BeautifulSoup
+
+    soup = BeautifulSoup(read_utf8(path), "lxml")
+    for tag in soup(["script", "style", "noscript", "nav", "footer"]):
+        tag.decompose()
+    for table in soup.find_all("table"):
+        rows = [[cell.get_text(" ", strip=True) for cell in tr.find_all(["th", "td"])] for tr in table.find_all("tr")]
+        table.replace_with("\n" + markdown_table([r for r in rows if r]) + "\n")
+    title_tag = soup.find("title") or soup.find("h1")
+    title = title_tag.get_text(" ", strip=True) if title_tag else path.stem
+
+    sections: list[Section] = []
+    heading: str | None = None
+    buffer: list[str] = []
+    body = soup.body or soup
+    # Walk text blocks in document order; headings start a new section.
+    for node in body.descendants:
+        name = getattr(node, "name", None)
+        if name in {"h1", "h2", "h3", "h4"}:
+            text = collapse_whitespace("\n".join(buffer))
+            if text:
+                sections.append(Section(text=text, title=heading))
+            buffer = []
+            heading = node.get_text(" ", strip=True)
+        elif name is None and node.parent is not None and node.parent.name not in {"h1", "h2", "h3", "h4"}:
+            piece = str(node)
+            if piece.strip():
+                buffer.append(piece if "\n|" in piece or piece.startswith("\n|") else piece.strip())
+        elif name in {"p", "li", "br", "div", "tr"}:
+            buffer.append("\n")
+    text = collapse_whitespace(" ".join(buffer).replace(" \n ", "\n"))
+    if text:
+        sections.append(Section(text=text, title=heading))
+    if not sections:
+        raise CorpusError(f"{str(path)!r} has no visible text")
+    meta = {name: tag.get("content") for tag in soup.find_all("meta") if (name := tag.get("name"))}
+    return [_document_from_meta(meta, path, title, sections)]
+
+
+# PDF
+
+def load_pdf(path: Path) -> list[Document]:
+    from pypdf import PdfReader
+    from pypdf.errors import PdfReadError, PdfStreamError
+
+    try:
+        reader = PdfReader(path)
+        pages = [page.extract_text() or "" for page in reader.pages]
+        info = reader.metadata or {}
+    except (PdfReadError, PdfStreamError, ValueError, KeyError, TypeError, OSError) as err:
+        raise CorpusError(f"{str(path)!r} is not a readable PDF ({err}); re-export it or remove it") from err
+    sections = [Section(text=collapse_whitespace(text), page=number) for number, text in enumerate(pages, 1)]
+    sections = [s for s in sections if s.text]
+    if not sections:
+        raise CorpusError(f"{str(path)!r} has no extractable text (a scanned PDF needs OCR first)")
+    title = str(info.get("/Title") or "").strip() or path.stem.replace("_", " ")
+    date = None
+    raw_date = str(info.get("/ModDate") or info.get("/CreationDate") or "")
+    if raw_date.startswith("D:") and len(raw_date) >= 10:
+        date = normalize_date(raw_date[2:10], path)
+    return [Document(doc_id=slug(path.stem), title=title, sections=sections, source=path.as_posix(), date=date)]
+
+
+# XML: MedQuAD and FDA Structured Product Labeling
+
+MEDQUAD_SPECIALTIES = {
+    "CancerGov": "oncology",
+    "NHLBI": "cardiology",
+    "NIDDK": "endocrinology",
+    "NINDS": "neurology",
+    "CDC": "infectious_disease",
+    "GARD": "genetics",
+    "GHR": "genetics",
+}
+SPL_NS = "{urn:hl7-org:v3}"
+
+
+def _parse_xml(path: Path) -> Element:
+    try:
+        return SafeET.fromstring(path.read_bytes())
+    except (ParseError, DefusedXmlException) as err:
+        raise CorpusError(f"{str(path)!r} is not well-formed XML ({err}); fix or remove the file") from err
+
+
+def load_xml(path: Path) -> list[Document]:
+    root = _parse_xml(path)
+    if root.tag.lower() in {"document", "doc", "diseasefile"} and _child(root, "qapairs") is not None:
+        return _medquad(root, path)
+    if root.tag == SPL_NS + "document":
+        return [_spl(root, path)]
+    raise CorpusError(
+        f"{str(path)!r} is XML of an unknown kind (root <{root.tag}>); bedside reads MedQuAD and FDA SPL XML"
+    )
+
+
+def _child(element: Element, *names: str) -> Element | None:
+    """First direct child whose lower-cased tag is one of `names` (MedQuAD folders vary in case)."""
+    return next((child for child in element if child.tag.lower() in names), None)
+
+
+def _medquad(root: Element, path: Path) -> list[Document]:
+    """One document per answered QA pair, titled by the focus; the question type names the section.
+
+    Three schemas occur: <Document>/<QAPairs>/<QAPair>, <DiseaseFile> with the same children, and
+    <doc>/<qaPairs>/<pair> with <doctitle-focus>. Question ids repeat across files (0000013_2.xml
+    and 0000013_2_1.xml), so the document id is built from the file name and the pair number.
+    """
+    focus_node = _child(root, "focus", "doctitle-focus")
+    focus = collapse_whitespace("".join(focus_node.itertext())) if focus_node is not None else ""
+    source_name = root.get("source") or root.get("corpus") or ""
+    url = root.get("url") or path.as_posix()
+    documents = []
+    for number, pair in enumerate(_child(root, "qapairs"), 1):
+        question = _child(pair, "question")
+        answer_node = _child(pair, "answer")
+        answer = collapse_whitespace("".join(answer_node.itertext())) if answer_node is not None else ""
+        if question is None or not answer:
+            continue
+        qtype = (question.get("qtype") or "information").strip()
+        documents.append(Document(
+            doc_id=f"medquad-{path.parent.name.split('_')[0]}-{path.stem}-{pair.get('pid', number)}",
+            title=focus or path.stem,
+            sections=[Section(text=answer, title=qtype)],
+            source=url,
+            specialty=MEDQUAD_SPECIALTIES.get(source_name),
+            issuer=source_name or None,
+            metadata={"question": collapse_whitespace(question.text or ""), "qtype": qtype,
+                      "qid": question.get("qid", "")},
+        ))
+    return documents
+
+
+def _spl_text(element: Element) -> str:
+    """Text of an SPL <text> element: paragraphs and list items on their own lines, tables as Markdown."""
+    parts: list[str] = []
+    for child in element:
+        tag = child.tag.removeprefix(SPL_NS)
+        if tag == "table":
+            rows = []
+            for tr in child.iter(SPL_NS + "tr"):
+                cells = ["".join(cell.itertext()) for cell in tr if cell.tag in {SPL_NS + "td", SPL_NS + "th"}]
+                if any(c.strip() for c in cells):
+                    rows.append(cells)
+            parts.append(markdown_table(rows))
+        elif tag == "list":
+            parts.extend("- " + " ".join("".join(item.itertext()).split()) for item in child.iter(SPL_NS + "item"))
+        else:
+            parts.append(" ".join("".join(child.itertext()).split()))
+    if element.text and element.text.strip():
+        parts.insert(0, element.text.strip())
+    return "\n".join(p for p in parts if p.strip())
+
+
+def _spl(root: Element, path: Path) -> Document:
+    def title_of(element: Element) -> str:
+        node = element.find(SPL_NS + "title")
+        return " ".join("".join(node.itertext()).split()) if node is not None else ""
+
+    sections: list[Section] = []
+
+    def walk(section: Element, trail: list[str]) -> None:
+        code = section.find(SPL_NS + "code")
+        name = title_of(section) or (code.get("displayName", "").title() if code is not None else "")
+        here = trail + [name] if name else trail
+        text_node = section.find(SPL_NS + "text")
+        if text_node is not None:
+            text = _spl_text(text_node)
+            if text:
+                sections.append(Section(text=text, title=" > ".join(here) or None))
+        for component in section.findall(f"{SPL_NS}component/{SPL_NS}section"):
+            walk(component, here)
+
+    for top in root.iterfind(f".//{SPL_NS}structuredBody/{SPL_NS}component/{SPL_NS}section"):
+        walk(top, [])
+    if not sections:
+        raise CorpusError(f"{str(path)!r} is an SPL label with no section text")
+
+    product = root.find(f".//{SPL_NS}manufacturedProduct/{SPL_NS}manufacturedProduct/{SPL_NS}name")
+    generic = root.find(f".//{SPL_NS}genericMedicine/{SPL_NS}name")
+    names = [n.text.strip() for n in (product, generic) if n is not None and n.text and n.text.strip()]
+    title = title_of(root)
+    if names:
+        # SPL document titles are long boilerplate ("These highlights do not include..."), so the
+        # product and generic names make the citation readable.
+        title = f"{names[0]} ({names[1]}) label" if len(names) > 1 else f"{names[0]} label"
+    set_id = root.find(SPL_NS + "setId")
+    doc_id = "spl-" + (set_id.get("root") if set_id is not None and set_id.get("root") else slug(path.stem))
+    version = root.find(SPL_NS + "versionNumber")
+    effective = root.find(SPL_NS + "effectiveTime")
+    author = root.find(f".//{SPL_NS}representedOrganization/{SPL_NS}name")
+    return Document(
+        doc_id=doc_id,
+        title=title or path.stem,
+        sections=sections,
+        source=path.as_posix(),
+        date=normalize_date(effective.get("value"), path) if effective is not None else None,
+        issuer=author.text.strip() if author is not None and author.text else None,
+        version=version.get("value") if version is not None else None,
+        specialty="pharmacology",
+    )
+
+
+# JSONL
+
+def iter_jsonl(path: Path) -> Iterable[tuple[int, dict | None, str | None]]:
+    """Yield (line number, object or None, problem or None) for each non-blank line."""
+    for number, line in enumerate(read_utf8(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as err:
+            yield number, None, f"invalid JSON ({err.msg})"
+            continue
+        if not isinstance(value, dict):
+            yield number, None, "expected a JSON object"
+            continue
+        yield number, value, None
+
+
+def load_jsonl(path: Path) -> list[Document]:
+    """Read `{"id", "title", "text", "source", "date"?, "specialty"?}` lines; bad lines are logged and skipped."""
+    documents, problems = [], []
+    for number, record, problem in iter_jsonl(path):
+        if record is not None:
+            missing = [key for key in ("id", "title", "text", "source") if not str(record.get(key) or "").strip()]
+            if missing:
+                problem = f"missing field(s) {', '.join(missing)}"
+        if problem:
+            problems.append(f"line {number}: {problem}")
+            continue
+        try:
+            date = normalize_date(record.get("date"), f"{path}:{number}")
+        except CorpusError as err:
+            problems.append(f"line {number}: {err}")
+            continue
+        documents.append(Document(
+            doc_id=str(record["id"]),
+            title=str(record["title"]),
+            sections=[Section(text=str(record["text"]).strip(), title=record.get("section"))],
+            source=str(record["source"]),
+            date=date,
+            specialty=record.get("specialty"),
+            issuer=record.get("issuer"),
+            version=str(record["version"]) if record.get("version") is not None else None,
+        ))
+    for problem in problems:
+        logger.warning("%s: skipped %s", path, problem)
+    if not documents:
+        detail = "; ".join(problems[:3]) or "no lines"
+        raise CorpusError(f"{str(path)!r} has no valid document lines ({detail})")
+    return documents
+
+
+LOADERS: dict[str, Loader] = {
+    ".md": load_markdown,
+    ".markdown": load_markdown,
+    ".txt": load_text,
+    ".html": load_html,
+    ".htm": load_html,
+    ".pdf": load_pdf,
+    ".xml": load_xml,
+    ".jsonl": load_jsonl,
+}
+
+
+def load_file(path: Path) -> list[Document]:
+    loader = LOADERS.get(path.suffix.lower())
+    if loader is None:
+        raise CorpusError(
+            f"{str(path)!r} has unsupported type {path.suffix or '(none)'!r}; supported: {', '.join(sorted(LOADERS))}"
+        )
+    if not path.is_file():
+        raise CorpusError(f"{str(path)!r} not found")
+    return loader(path)
+
+
+def _corpus_files(paths: Iterable[Path]) -> tuple[list[Path], list[tuple[str, str]]]:
+    files, problems = [], []
+    for root in paths:
+        root = Path(root)
+        if root.is_file():
+            files.append(root)
+        elif root.is_dir():
+            for path in sorted(root.rglob("*")):
+                hidden = any(part.startswith(".") for part in path.relative_to(root).parts)
+                if path.is_file() and not hidden and path.name.lower() != "readme.md":
+                    if path.suffix.lower() in LOADERS:
+                        files.append(path)
+                    elif path.suffix.lower() not in {".txt", ".license"} and path.name != "LICENSE":
+                        logger.debug("skipping %s: unsupported type", path)
+        else:
+            problems.append((str(root), "not found; pass an existing file or folder to --corpus"))
+    return files, problems
+
+
+def load_corpus(paths: Iterable[Path], progress: bool = False) -> LoadReport:
+    """Load every supported file under `paths`; bad files are reported in `problems` and skipped."""
+    files, problems = _corpus_files(paths)
+    report = LoadReport(problems=problems, files=len(files))
+    seen: dict[str, str] = {}
+    for path in tqdm(files, desc="loading", unit="file", disable=not progress):
+        try:
+            documents = load_file(path)
+        except CorpusError as err:
+            report.problems.append((str(path), str(err)))
+            logger.warning("skipped %s", err)
+            continue
+        for document in documents:
+            if document.doc_id in seen:
+                report.problems.append(
+                    (str(path), f"document id {document.doc_id!r} is also used by {seen[document.doc_id]!r}; "
+                                "give each document a unique `id` in its front matter")
+                )
+                continue
+            seen[document.doc_id] = str(path)
+            report.documents.append(document)
+    return report
