@@ -53,9 +53,8 @@ def run_rebuild(args: argparse.Namespace) -> int:
     if args.scrub:
         from assistant.safety.scrub import scrub_documents
 
-        documents, counts = scrub_documents(documents)
-        print("scrubbed: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "nothing found"),
-              file=sys.stderr)
+        documents, scrub_report = scrub_documents(documents)
+        print(scrub_report.summary(), file=sys.stderr)
 
     embedder_path = models.resolve_embedder(settings.embedder)
     embedder = models.load_embedder(embedder_path, settings.device)
