@@ -77,6 +77,8 @@ def configure_logging(args: argparse.Namespace) -> None:
     # library chatter that is not ours stays at warning level
     for noisy in ("transformers", "sentence_transformers", "httpx", "urllib3", "bm25s", "faiss", "peft"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    # Presidio warns once per recognizer of every language it does not load; bedside loads English only.
+    logging.getLogger("presidio-analyzer").setLevel(max(level, logging.ERROR))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         import transformers

@@ -8,6 +8,7 @@ on a CPU, concurrent forwards only contend for the same cores.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -72,22 +73,34 @@ class LocalGenerator:
     # adapters
 
     def load_adapter(self, name: str, path: Path) -> None:
-        """Load a PEFT adapter folder under `name`; the caller has verified its base fingerprint."""
+        """Load a PEFT adapter folder under `name`; the caller has verified its base fingerprint.
+
+        Rejects folders with pickled weights and adapters whose target modules match nothing in this
+        model, which PEFT would otherwise load as a no-op.
+        """
         from peft import PeftModel
 
+        from assistant.tuning.loading import check_adapter_files, check_target_modules
+
+        if name == BASE_ROUTE:
+            raise ModelError(f"{BASE_ROUTE!r} is reserved for the base route; load the adapter under another name")
         with self.lock:
             if name in self.adapters:
                 return
             start = time.perf_counter()
+            check_adapter_files(Path(path))
+            check_target_modules(self.model, Path(path))
             try:
                 if isinstance(self.model, PeftModel):
                     self.model.load_adapter(str(path), adapter_name=name, is_trainable=False)
                 else:
                     self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name,
                                                            is_trainable=False)
-            except (OSError, ValueError) as err:
+            except (OSError, ValueError, RuntimeError) as err:
+                # RuntimeError: tensor shapes that differ from this model's layers
                 raise ModelError(f"could not load adapter {name!r} from {str(path)!r}: {err}") from err
             self.model.eval()
+            self._set_adapter_layers(False)
             self.adapters[name] = str(path)
             logger.info("adapter %s loaded in %.0f ms", name, (time.perf_counter() - start) * 1e3)
 
@@ -96,6 +109,31 @@ class LocalGenerator:
             if name in self.adapters:
                 self.model.delete_adapter(name)
                 del self.adapters[name]
+
+    def _set_adapter_layers(self, enabled: bool) -> None:
+        """Switch every LoRA layer on or off.
+
+        PEFT injects adapter layers into the base model object in place, and that object is shared
+        with anything else that loaded the same base in this process. Outside a generation call the
+        layers stay off, so a forward pass through the bare base object computes the base model.
+        Inside one, rows choose their adapter (or "__base__") through `adapter_names`.
+        """
+        from peft import PeftModel
+
+        if isinstance(self.model, PeftModel):
+            if enabled:
+                self.model.base_model.enable_adapter_layers()
+            else:
+                self.model.base_model.disable_adapter_layers()
+
+    @contextlib.contextmanager
+    def _adapters_enabled(self) -> Iterator[None]:
+        """Turn the adapter layers on for one call; the caller holds the lock."""
+        self._set_adapter_layers(True)
+        try:
+            yield
+        finally:
+            self._set_adapter_layers(False)
 
     def _adapter_kwargs(self, adapters: list[str | None]) -> dict[str, Any]:
         unknown = sorted({a for a in adapters if a and a not in self.adapters})
@@ -140,7 +178,7 @@ class LocalGenerator:
         if len(adapters) != len(messages_list):
             raise ValueError("adapters must list one entry (or None) per conversation")
         inputs = self.encode(messages_list)
-        with self.lock, torch.inference_mode():
+        with self.lock, self._adapters_enabled(), torch.inference_mode():
             output = self.model.generate(**inputs, **settings.generate_kwargs(self.tokenizer),
                                          **self._adapter_kwargs(adapters))
         width = inputs["input_ids"].shape[1]
@@ -171,7 +209,7 @@ class LocalGenerator:
                 failure.append(err)
                 streamer.end()
 
-        with self.lock:
+        with self.lock, self._adapters_enabled():
             worker = threading.Thread(target=run, name="bedside-generate", daemon=True)
             worker.start()
             try:

@@ -72,7 +72,7 @@ class Scrubber:
         engine = _LoadedEngine(models=[{"lang_code": "en", "model_name": self.ner_model or "blank"}])
         engine.load()
         registry = RecognizerRegistry(supported_languages=["en"])
-        registry.load_predefined_recognizers(nlp_engine=engine)
+        registry.load_predefined_recognizers(languages=["en"], nlp_engine=engine)
         registry.add_recognizer(PatternRecognizer(
             supported_entity="MEDICAL_RECORD_NUMBER",
             patterns=[Pattern("mrn", r"\b(?:MRN|medical record(?: number)?|record no\.?)[:#\s]*[A-Z]{0,3}\d{5,12}\b", 0.9)],
