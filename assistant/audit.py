@@ -50,8 +50,52 @@ JSON_COLUMNS = ("retrieved", "generation", "citations", "flags", "timings")
 FEEDBACK_KINDS = ("helpful", "wrong", "unsafe")
 
 
+INTEGER_COLUMNS = ("id", "abstained")
+EXPORT_FORMATS = ("jsonl", "csv")
+
+
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def parse_since(text: str) -> str:
+    """Normalise a --since value to the stored `created_at` form, UTC ISO 8601, so strings sort by time.
+
+    A bare date means midnight UTC; a time without an offset is taken as UTC.
+    """
+    raw = text.strip()
+    try:
+        if len(raw) == 10:
+            return dt.date.fromisoformat(raw).isoformat()
+        moment = dt.datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError as err:
+        raise BedsideError(f"--since {text!r} is invalid; use a date such as 2025-01-31 or an ISO time "
+                           "such as 2025-01-31T14:00:00+01:00") from err
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.timezone.utc)
+    return moment.astimezone(dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def read_export(text: str, fmt: str) -> list[dict[str, Any]]:
+    """Parse an `AuditLog.export` output back into rows shaped like `AuditLog.rows`."""
+    if fmt == "jsonl":
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    if fmt == "csv":
+        rows = []
+        for record in csv.DictReader(io.StringIO(text, newline="")):
+            row: dict[str, Any] = {}
+            for key, value in record.items():
+                if key in JSON_COLUMNS:
+                    row[key] = json.loads(value) if value else None
+                elif value == "":
+                    row[key] = None
+                elif key in INTEGER_COLUMNS:
+                    row[key] = int(value)
+                else:
+                    row[key] = value
+            rows.append(row)
+        return rows
+    raise BedsideError(f"export format {fmt!r} is invalid; use one of {', '.join(EXPORT_FORMATS)}")
 
 
 class AuditLog:
@@ -92,7 +136,8 @@ class AuditLog:
             "adapter_name": adapter.get("name"),
             "adapter_sha256": adapter.get("sha256"),
             "backend": backend,
-            "generation": json.dumps({k: v for k, v in generation.items() if k != "raw_output" or self.store_text}),
+            "generation": json.dumps({k: v for k, v in generation.items()
+                                      if k != "raw_output" or self.store_text}),
             "citations": json.dumps(citations if self.store_text else
                                     [{k: v for k, v in c.items() if k != "text"} for c in citations]),
             "flags": json.dumps(flags if self.store_text else [{"type": f.get("type")} for f in flags]),
@@ -102,7 +147,8 @@ class AuditLog:
         marks = ", ".join("?" * len(row))
         try:
             with self._lock, self._db:
-                cursor = self._db.execute(f"INSERT INTO answers ({columns}) VALUES ({marks})", list(row.values()))
+                cursor = self._db.execute(f"INSERT INTO answers ({columns}) VALUES ({marks})",
+                                          list(row.values()))
         except sqlite3.Error as err:
             raise BedsideError(f"writing the audit record to {str(self.path)!r} failed: {err}") from err
         return int(cursor.lastrowid)
@@ -110,10 +156,11 @@ class AuditLog:
     def record_answer(self, answer: Any, user: str) -> int:
         record = answer.to_dict()
         answer.audit_id = self.record(
-            kind="answer", user=user, question=answer.question, answer=answer.answer, abstained=answer.abstained,
-            retrieved=record["retrieved"], index_version=answer.index_version, model=answer.model,
-            model_fingerprint=answer.model_fingerprint, adapter=answer.adapter, backend=answer.backend,
-            generation=answer.generation, citations=record["citations"], flags=answer.flags, timings=answer.timings,
+            kind="answer", user=user, question=answer.question, answer=answer.answer,
+            abstained=answer.abstained, retrieved=record["retrieved"], index_version=answer.index_version,
+            model=answer.model, model_fingerprint=answer.model_fingerprint, adapter=answer.adapter,
+            backend=answer.backend, generation=answer.generation, citations=record["citations"],
+            flags=answer.flags, timings=answer.timings,
         )
         return answer.audit_id
 
@@ -123,17 +170,19 @@ class AuditLog:
         with self._lock, self._db:
             updated = self._db.execute(
                 "UPDATE answers SET feedback = ?, feedback_comment = ?, feedback_at = ? WHERE id = ?",
-                (feedback, comment or None, dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), row_id),
+                (feedback, comment or None, dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                 row_id),
             ).rowcount
         if not updated:
             raise BedsideError(f"audit record {row_id} not found")
 
     def rows(self, since: str | None = None) -> list[dict[str, Any]]:
+        """Return the records created at or after `since` (see `parse_since`), oldest first."""
         query = "SELECT * FROM answers"
         args: tuple = ()
         if since:
             query += " WHERE created_at >= ?"
-            args = (since,)
+            args = (parse_since(since),)
         with self._lock:
             cursor = self._db.execute(query + " ORDER BY id", args)
             names = [d[0] for d in cursor.description]
@@ -151,12 +200,13 @@ class AuditLog:
         if fmt == "csv":
             out = io.StringIO()
             columns = [d[1] for d in self._db.execute("PRAGMA table_info(answers)").fetchall()]
+            # NOTE: an empty string and NULL both become an empty cell; read_export reads it back as None
             writer = csv.DictWriter(out, fieldnames=columns)
             writer.writeheader()
             for row in rows:
                 writer.writerow({k: json.dumps(v) if k in JSON_COLUMNS else v for k, v in row.items()})
             return out.getvalue()
-        raise BedsideError(f"export format {fmt!r} is invalid; use jsonl or csv")
+        raise BedsideError(f"export format {fmt!r} is invalid; use one of {', '.join(EXPORT_FORMATS)}")
 
     def close(self) -> None:
         self._db.close()

@@ -132,13 +132,13 @@ class Chunker:
                 pieces.extend(self._split_prose(block, budget))
         return pieces
 
-    def _split_prose(self, text: str, budget: int) -> list[str]:
+    def _split_prose(self, text: str, budget: int, overlap: int | None = None) -> list[str]:
         if self.count(text) <= budget:
             return [text.strip()]
         splitter = RecursiveCharacterTextSplitter.from_huggingface_tokenizer(
             self.tokenizer,
             chunk_size=budget,
-            chunk_overlap=min(self.chunk_overlap, budget // 4),
+            chunk_overlap=min(self.chunk_overlap if overlap is None else overlap, budget // 4),
             separators=["\n\n", "\n", ". ", "; ", ", ", " ", ""],
             keep_separator="end",
         )
@@ -148,12 +148,35 @@ class Chunker:
         return [p for p in out if p]
 
     def _hard_split(self, text: str, budget: int) -> list[str]:
-        """Cut by token ids where the recursive splitter left a piece over budget (one giant word)."""
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) <= budget:
+        """Cut at token boundaries where the recursive splitter left a piece over budget (one giant word).
+
+        Pieces are slices of the original text, cut where a token starts: decoding token ids instead
+        would lower-case the text and respace its punctuation under an uncased WordPiece tokenizer.
+        """
+        if self.count(text) <= budget:
             return [text]
         self.report.hard_splits += 1
-        return [self.tokenizer.decode(ids[i:i + budget]) for i in range(0, len(ids), budget)]
+        if not getattr(self.tokenizer, "is_fast", False):
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            return [self.tokenizer.decode(ids[i:i + budget]) for i in range(0, len(ids), budget)]
+        starts = [start for start, _ in self.tokenizer(text, add_special_tokens=False,
+                                                        return_offsets_mapping=True)["offset_mapping"]]
+        pieces = []
+        first = 0
+        while first < len(starts):
+            last = min(first + budget, len(starts))
+            if last < len(starts):
+                # prefer a cut before a token that follows whitespace, so no word is cut in two
+                word_start = next((i for i in range(last, first, -1) if text[starts[i] - 1:starts[i]].isspace()), None)
+                last = word_start or last
+            piece = text[starts[first]:starts[last] if last < len(starts) else len(text)]
+            # a slice that starts inside a word can tokenize a little differently: shrink until it fits
+            while last - first > 1 and self.count(piece) > budget:
+                last -= 1
+                piece = text[starts[first]:starts[last]]
+            pieces.append(piece.strip())
+            first = last
+        return [piece for piece in pieces if piece]
 
     def _split_table(self, block: str, budget: int) -> list[str]:
         lines = [line for line in block.splitlines() if line.strip()]
@@ -172,9 +195,11 @@ class Chunker:
                 pieces.append("\n".join(header + group))
                 group, used = [], head_tokens
             if head_tokens + row_tokens > budget:
-                # A single row larger than the window: keep it whole with its header and hard-split.
+                # A single row larger than the budget is the one case where a row is cut: each piece
+                # still carries the header, so every piece reads as part of the same table.
                 self.report.oversized_rows.append(row[:80])
-                pieces.extend(self._hard_split("\n".join(header + [row]), budget))
+                row_budget = max(budget - head_tokens, 8)
+                pieces.extend("\n".join(header + [piece]) for piece in self._split_prose(row, row_budget, overlap=0))
                 continue
             group.append(row)
             used += row_tokens

@@ -1,31 +1,36 @@
 """Hybrid retrieval: dense (FAISS) and BM25 candidates fused, filtered, and gated for relevance.
 
-Every search returns one shape: hits sorted by fused score, each carrying the chunk id, its scores
-and the metadata a citation needs.
+Every search returns one shape: hits sorted by score, each carrying the chunk id, its scores and
+the metadata a citation needs. `docs/benchmarks.md` records how the fusion defaults were chosen.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
 import unicodedata
+from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
-from assistant.errors import BedsideError
-from assistant.indexing.lexical import bm25_search
+from assistant.chunking import Chunk
+from assistant.errors import BedsideError, CorpusError
+from assistant.indexing.lexical import bm25_search, bm25_tokenize
 from assistant.indexing.store import LoadedIndex, embed_texts
 
 logger = logging.getLogger(__name__)
 
 MAX_QUERY_CHARS = 4000
-RRF_K = 60
+SEARCH_MODES = ("hybrid", "dense", "bm25")
 
 
 @dataclass
 class Hit:
-    """One retrieved chunk. `score` is the fused score; `dense_score` is the exact cosine similarity."""
+    """One retrieved chunk. `score` ranks the hits; `dense_score` is the exact cosine similarity."""
 
     chunk_id: str
     doc_id: str
@@ -63,105 +68,19 @@ def validate_query(query: str) -> str:
     return query.strip()
 
 
-class Retriever:
-    """Dense + BM25 retrieval over one loaded index.
+def normalize_since(since: str | None) -> str | None:
+    """Return `since` as an ISO date (YYYY-MM-DD), or raise naming the value and the expected form."""
+    if since is None or since == "":
+        return None
+    from assistant.corpus.text import normalize_date
 
-    `fusion` is "weighted" (a convex combination of min-max normalised scores, the default because it
-    kept dense recall on PubMedQA and beat both sources on MedQuAD) or "rrf" (reciprocal rank fusion).
-    """
-
-    def __init__(self, index: LoadedIndex, embedder: Any, fusion: str = "weighted", dense_weight: float = 0.7,
-                 candidates: int = 50) -> None:
-        if fusion not in FUSIONS:
-            raise BedsideError(f"fusion {fusion!r} is invalid; use one of {', '.join(FUSIONS)}")
-        self.index = index
-        self.embedder = embedder
-        self.fusion = fusion
-        self.dense_weight = dense_weight
-        self.candidates = candidates
-
-    def search(self, query: str, top_k: int = 5, since: str | None = None, specialty: str | None = None,
-               mode: str = "hybrid") -> list[Hit]:
-        return self.search_many([query], top_k, since, specialty, mode)[0]
-
-    def search_many(self, queries: list[str], top_k: int = 5, since: str | None = None,
-                    specialty: str | None = None, mode: str = "hybrid") -> list[list[Hit]]:
-        if mode not in {"hybrid", "dense", "bm25"}:
-            raise BedsideError(f"search mode {mode!r} is invalid; use hybrid, dense or bm25")
-        if top_k < 1:
-            raise BedsideError(f"top_k {top_k} is invalid; use a whole number of at least 1")
-        queries = [validate_query(q) for q in queries]
-        if self.index.size == 0:
-            return [[] for _ in queries]
-        if specialty and specialty not in self.index.specialties():
-            raise BedsideError(
-                f"specialty {specialty!r} is not in the index; indexed specialties: "
-                f"{', '.join(self.index.specialties()) or 'none'}"
-            )
-        allowed = self.index.filtered_int_ids(since, specialty) if (since or specialty) else None
-        if allowed is not None and len(allowed) == 0:
-            return [[] for _ in queries]
-
-        query_vectors = embed_texts(self.embedder, queries)
-        n_candidates = max(self.candidates, top_k * 4)
-        results = []
-        for query, vector in zip(queries, query_vectors, strict=True):
-            dense = self._dense(vector, n_candidates, allowed) if mode != "bm25" else {}
-            lexical = self._lexical(query, n_candidates, allowed) if mode != "dense" else {}
-            fused = FUSIONS[self.fusion](self, dense, lexical) if mode == "hybrid" else (dense or lexical)
-            results.append(self._hits(fused, vector, dense, lexical, top_k))
-        return results
-
-    def _dense(self, vector: np.ndarray, k: int, allowed: np.ndarray | None) -> dict[int, float]:
-        import faiss
-
-        params = None
-        if allowed is not None:
-            params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(allowed))
-        k = min(k, self.index.size)
-        scores, ids = self.index.faiss_index.search(vector[None, :], k, params=params)
-        return {int(i): float(s) for i, s in zip(ids[0], scores[0], strict=True) if i != -1}
-
-    def _lexical(self, query: str, k: int, allowed: np.ndarray | None) -> dict[int, float]:
-        if self.index.bm25 is None:
-            return {}
-        mask = np.isin(self.index.bm25_ids, allowed).astype(np.float32) if allowed is not None else None
-        rows, scores = bm25_search(self.index.bm25, query, k, mask)
-        return {int(self.index.bm25_ids[r]): float(s) for r, s in zip(rows, scores, strict=True)}
-
-    def _weighted(self, dense: dict[int, float], lexical: dict[int, float]) -> dict[int, float]:
-        dense_norm, lexical_norm = _min_max(dense), _min_max(lexical)
-        weight = self.dense_weight
-        return {i: weight * dense_norm.get(i, 0.0) + (1 - weight) * lexical_norm.get(i, 0.0)
-                for i in set(dense) | set(lexical)}
-
-    def _rrf(self, dense: dict[int, float], lexical: dict[int, float]) -> dict[int, float]:
-        fused: dict[int, float] = {}
-        for ranking in (dense, lexical):
-            for rank, chunk in enumerate(sorted(ranking, key=ranking.get, reverse=True), 1):
-                fused[chunk] = fused.get(chunk, 0.0) + 1.0 / (RRF_K + rank)
-        return fused
-
-    def _hits(self, fused: dict[int, float], vector: np.ndarray, dense: dict[int, float],
-              lexical: dict[int, float], top_k: int) -> list[Hit]:
-        # rank a few extra, since preferring the newest version of a guideline can drop hits
-        ranked = sorted(fused, key=lambda i: (-fused[i], i))[: top_k * 3]
-        chunks = self.index.chunks_by_int_id(ranked)
-        exact = self.index.vectors_of(ranked) @ vector if ranked else np.array([])
-        hits = []
-        for row, int_id in enumerate(ranked):
-            chunk = chunks[int_id]
-            hits.append(Hit(
-                chunk_id=chunk.chunk_id, doc_id=chunk.doc_id, score=round(fused[int_id], 6), title=chunk.title,
-                source=chunk.source, text=chunk.text, section=chunk.section, page=chunk.page, date=chunk.date,
-                specialty=chunk.specialty, issuer=chunk.issuer, version=chunk.version,
-                dense_score=round(float(exact[row]), 6), bm25_score=round(lexical.get(int_id, 0.0), 6),
-            ))
-        return prefer_newest(hits)[:top_k]
+    try:
+        return normalize_date(since, "since")
+    except CorpusError as err:
+        raise BedsideError(f"since date {since!r} is invalid; write it as YYYY-MM-DD") from err
 
 
-FUSIONS = {"weighted": Retriever._weighted, "rrf": Retriever._rrf}
-
+# fusion: each function maps (dense scores, BM25 scores, retriever) to one score per chunk
 
 def _min_max(scores: dict[int, float]) -> dict[int, float]:
     if not scores:
@@ -172,20 +91,227 @@ def _min_max(scores: dict[int, float]) -> dict[int, float]:
     return {i: (s - low) / (high - low) for i, s in scores.items()}
 
 
-def prefer_newest(hits: list[Hit]) -> list[Hit]:
-    """Drop hits from older versions of a guideline when a newer version of it is also retrieved.
+def _ranked(scores: dict[int, float]) -> list[int]:
+    # ties broken by chunk id, so equal scores give the same order on every run
+    return sorted(scores, key=lambda i: (-scores[i], i))
 
-    Two documents are versions of one guideline when they share title and issuer but differ in
-    (date, version); the newer has the later date, then the higher version string. Documents with
-    equal stamps (MedQuAD answers about one disease) are all kept.
+
+def weighted_fusion(dense: dict[int, float], lexical: dict[int, float], retriever: Retriever) -> dict[int, float]:
+    """Convex combination of min-max normalised scores; a chunk missing from one list scores 0 there."""
+    dense_norm, lexical_norm = _min_max(dense), _min_max(lexical)
+    weight = retriever.dense_weight
+    return {i: weight * dense_norm.get(i, 0.0) + (1 - weight) * lexical_norm.get(i, 0.0)
+            for i in dense.keys() | lexical.keys()}
+
+
+def rrf_fusion(dense: dict[int, float], lexical: dict[int, float], retriever: Retriever) -> dict[int, float]:
+    """Reciprocal rank fusion: sum of 1 / (rrf_k + rank) over the two rankings."""
+    fused: dict[int, float] = {}
+    for ranking in (dense, lexical):
+        for rank, chunk in enumerate(_ranked(ranking), 1):
+            fused[chunk] = fused.get(chunk, 0.0) + 1.0 / (retriever.rrf_k + rank)
+    return fused
+
+
+FUSIONS: dict[str, Callable[[dict[int, float], dict[int, float], Retriever], dict[int, float]]] = {
+    "weighted": weighted_fusion,
+    "rrf": rrf_fusion,
+}
+
+
+@functools.lru_cache(maxsize=65536)
+def _terms(text: str) -> frozenset[str]:
+    """Stemmed content words of `text`, with BM25's tokenizer so both sides match the same way."""
+    return frozenset(bm25_tokenize([text])[0]) if text and text.strip() else frozenset()
+
+
+def header_matches(chunk: Chunk, query_terms: frozenset[str]) -> tuple[bool, bool]:
+    """Whether every content word of the chunk's title, and of its section label, occurs in the query."""
+    title_terms = _terms(chunk.title or "")
+    section_terms = _terms(chunk.section or "")
+    return (bool(title_terms) and title_terms <= query_terms,
+            bool(section_terms) and section_terms <= query_terms)
+
+
+class Retriever:
+    """Dense + BM25 retrieval over one loaded index.
+
+    Hybrid search takes the `candidates` best chunks of each method, fuses their scores (`fusion`:
+    "weighted" min-max fusion with `dense_weight`, or "rrf" with `rrf_k`), then adds `title_boost`
+    when every content word of a chunk's document title occurs in the query and `section_boost`
+    when every word of its section label does. Questions that name their subject ("What are the
+    symptoms of X?") thereby prefer chunks about X, and about symptoms, over near-duplicates about
+    a neighbouring disease or another aspect of X.
+
+    When the index holds several versions of one guideline (same title and issuer, different date
+    or version), only the newest version's chunks are searched (`prefer_newest`).
     """
-    newest: dict[tuple[str, str | None], tuple[str, str]] = {}
-    for hit in hits:
-        key = (hit.title.casefold(), hit.issuer)
-        stamp = (hit.date or "", hit.version or "")
-        if key not in newest or stamp > newest[key]:
-            newest[key] = stamp
-    return [h for h in hits if newest[(h.title.casefold(), h.issuer)] == (h.date or "", h.version or "")]
+
+    def __init__(self, index: LoadedIndex, embedder: Any, fusion: str = "weighted", dense_weight: float = 0.7,
+                 candidates: int = 50, rrf_k: int = 60, title_boost: float = 0.0, section_boost: float = 0.0,
+                 prefer_newest: bool = True) -> None:
+        if fusion not in FUSIONS:
+            raise BedsideError(f"fusion {fusion!r} is invalid; use one of {', '.join(FUSIONS)}")
+        if not 0.0 <= dense_weight <= 1.0:
+            raise BedsideError(f"dense_weight {dense_weight} is invalid; use a number from 0 to 1")
+        if candidates < 1 or rrf_k < 1:
+            raise BedsideError(f"candidates ({candidates}) and rrf_k ({rrf_k}) must be whole numbers of at least 1")
+        if title_boost < 0 or section_boost < 0:
+            raise BedsideError(f"title_boost ({title_boost}) and section_boost ({section_boost}) must not be negative")
+        self.index = index
+        self.embedder = embedder
+        self.fusion = fusion
+        self.dense_weight = dense_weight
+        self.candidates = candidates
+        self.rrf_k = rrf_k
+        self.title_boost = title_boost
+        self.section_boost = section_boost
+        self.superseded = superseded_chunk_ids(index) if prefer_newest else np.array([], dtype=np.int64)
+
+    def search(self, query: str, top_k: int = 5, since: str | None = None, specialty: str | None = None,
+               mode: str = "hybrid") -> list[Hit]:
+        """Return the `top_k` best chunks for `query`, best first."""
+        return self.search_many([query], top_k, since, specialty, mode)[0]
+
+    def search_many(self, queries: list[str], top_k: int = 5, since: str | None = None,
+                    specialty: str | None = None, mode: str = "hybrid") -> list[list[Hit]]:
+        """Return the `top_k` best chunks for each query; the queries are embedded in one batch.
+
+        `since` (YYYY-MM-DD) keeps chunks dated on or after it, so undated chunks are dropped;
+        `specialty` keeps chunks of that specialty. `mode` is hybrid, dense or bm25.
+        """
+        if mode not in SEARCH_MODES:
+            raise BedsideError(f"search mode {mode!r} is invalid; use {', '.join(SEARCH_MODES)}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise BedsideError(f"top_k {top_k!r} is invalid; use a whole number of at least 1")
+        queries = [validate_query(q) for q in queries]
+        since = normalize_since(since)
+        if self.index.size == 0:
+            return [[] for _ in queries]
+        if specialty and specialty not in self.index.specialties():
+            raise BedsideError(
+                f"specialty {specialty!r} is not in the index; indexed specialties: "
+                f"{', '.join(self.index.specialties()) or 'none'}"
+            )
+
+        # one filter for the whole batch: chunks passing since/specialty, minus superseded versions
+        allowed = self.index.filtered_int_ids(since, specialty) if (since or specialty) else None
+        if allowed is not None and len(self.superseded):
+            allowed = np.setdiff1d(allowed, self.superseded)
+        if allowed is not None and len(allowed) == 0:
+            return [[] for _ in queries]
+        dense_params = self._faiss_params(allowed)
+        lexical_mask = self._bm25_mask(allowed)
+
+        query_vectors = embed_texts(self.embedder, queries)
+        pool = max(self.candidates, top_k)
+        results = []
+        for query, vector in zip(queries, query_vectors, strict=True):
+            dense = self._dense(vector, pool, dense_params) if mode != "bm25" else {}
+            lexical = self._lexical(query, pool, lexical_mask) if mode != "dense" else {}
+            scores = FUSIONS[self.fusion](dense, lexical, self) if mode == "hybrid" else (dense or lexical)
+            chunks: dict[int, Chunk] = {}
+            if mode == "hybrid" and (self.title_boost or self.section_boost):
+                # the header boosts need every candidate's title and section, not only the top_k
+                chunks = self.index.chunks_by_int_id(list(scores))
+                scores = self._boost_headers(query, scores, chunks)
+            ranked = _ranked(scores)[:top_k]
+            chunks = chunks or self.index.chunks_by_int_id(ranked)
+            results.append(self._hits(ranked, scores, chunks, vector, lexical))
+        return results
+
+    def _faiss_params(self, allowed: np.ndarray | None) -> Any:
+        import faiss
+
+        if allowed is not None:
+            return faiss.SearchParameters(sel=faiss.IDSelectorBatch(allowed))
+        if len(self.superseded):
+            return faiss.SearchParameters(sel=faiss.IDSelectorNot(faiss.IDSelectorBatch(self.superseded)))
+        return None
+
+    def _bm25_mask(self, allowed: np.ndarray | None) -> np.ndarray | None:
+        if allowed is not None:
+            return np.isin(self.index.bm25_ids, allowed).astype(np.float32)
+        if len(self.superseded):
+            return (~np.isin(self.index.bm25_ids, self.superseded)).astype(np.float32)
+        return None
+
+    def _dense(self, vector: np.ndarray, k: int, params: Any) -> dict[int, float]:
+        k = min(k, self.index.size)
+        scores, ids = self.index.faiss_index.search(vector[None, :], k, params=params)
+        return {int(i): float(s) for i, s in zip(ids[0], scores[0], strict=True) if i != -1}
+
+    def _lexical(self, query: str, k: int, mask: np.ndarray | None) -> dict[int, float]:
+        if self.index.bm25 is None:
+            return {}
+        rows, scores = bm25_search(self.index.bm25, query, k, mask)
+        return {int(self.index.bm25_ids[r]): float(s) for r, s in zip(rows, scores, strict=True)}
+
+    def _boost_headers(self, query: str, scores: dict[int, float], chunks: dict[int, Chunk]) -> dict[int, float]:
+        query_terms = _terms(query)
+        boosted = {}
+        for int_id, score in scores.items():
+            title_match, section_match = header_matches(chunks[int_id], query_terms)
+            boosted[int_id] = score + self.title_boost * title_match + self.section_boost * section_match
+        return boosted
+
+    def _hits(self, ranked: list[int], scores: dict[int, float], chunks: dict[int, Chunk], vector: np.ndarray,
+              lexical: dict[int, float]) -> list[Hit]:
+        # exact cosine for every hit, also those BM25 alone found, so the relevance gate can use it
+        exact = self.index.vectors_of(ranked) @ vector if ranked else np.array([])
+        hits = []
+        for row, int_id in enumerate(ranked):
+            chunk = chunks[int_id]
+            hits.append(Hit(
+                chunk_id=chunk.chunk_id, doc_id=chunk.doc_id, score=round(scores[int_id], 6), title=chunk.title,
+                source=chunk.source, text=chunk.text, section=chunk.section, page=chunk.page, date=chunk.date,
+                specialty=chunk.specialty, issuer=chunk.issuer, version=chunk.version,
+                dense_score=round(float(exact[row]), 6), bm25_score=round(lexical.get(int_id, 0.0), 6),
+            ))
+        return hits
+
+
+# versions
+
+def _version_key(version: str) -> tuple:
+    """Natural order for version strings, so "10" sorts after "9" and "2.10" after "2.9"."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part.casefold())
+                 for part in re.findall(r"\d+|\D+", version))
+
+
+def _stamp(document: dict[str, Any]) -> tuple:
+    # undated sorts before any date, and an unversioned document before any version
+    return (document.get("date") or "", _version_key(str(document.get("version") or "")))
+
+
+def superseded_chunk_ids(index: LoadedIndex) -> np.ndarray:
+    """Chunk ids of documents that a newer version of the same guideline (title and issuer) replaces.
+
+    The newer version has the later date, then the higher version. Documents with equal stamps
+    (many MedQuAD answers share a title and have neither) are all kept.
+    """
+    by_title: dict[str, list[str]] = defaultdict(list)
+    documents: dict[str, dict[str, Any]] = index.manifest.get("documents", {})
+    for doc_id, document in documents.items():
+        by_title[str(document.get("title") or "").casefold()].append(doc_id)
+
+    superseded: list[str] = []
+    for doc_ids in by_title.values():
+        if len({_stamp(documents[d]) for d in doc_ids}) < 2:
+            continue
+        # the manifest has no issuer, so read it from each document's chunks
+        issuers = {chunk.doc_id: chunk.issuer for chunk in index.chunks_of_documents(doc_ids)}
+        by_issuer: dict[str | None, list[str]] = defaultdict(list)
+        for doc_id in doc_ids:
+            by_issuer[issuers.get(doc_id)].append(doc_id)
+        for versions in by_issuer.values():
+            newest = max(_stamp(documents[d]) for d in versions)
+            superseded += [d for d in versions if _stamp(documents[d]) < newest]
+    if not superseded:
+        return np.array([], dtype=np.int64)
+    logger.info("%d superseded guideline version(s) excluded from search: %s", len(superseded),
+                ", ".join(sorted(superseded)[:5]) + (" ..." if len(superseded) > 5 else ""))
+    return np.array(sorted(c.int_id for c in index.chunks_of_documents(superseded)), dtype=np.int64)
 
 
 def passes_relevance_gate(hits: list[Hit], min_relevance: float) -> bool:

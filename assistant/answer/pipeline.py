@@ -218,9 +218,15 @@ def build_assistant(settings: Settings, with_audit: bool = True) -> Assistant:
     index = IndexStore(settings.index_dir).open(embedder_info(settings.embedder, embedder_name, embedder))
     retriever = Retriever(index, embedder)
 
-    spec = models.resolve_model(settings.model)
-    model, tokenizer = models.load_base_model(spec, settings.dtype, settings.device)
-    generator = LocalGenerator(model, tokenizer, spec.display_name, models.model_fingerprint(spec))
+    if settings.backend == "vllm":
+        from assistant.answer.vllm_backend import VLLMGenerator
+
+        # only token generation moves to the server; everything below stays in this process
+        generator = VLLMGenerator.from_settings(settings)
+    else:
+        spec = models.resolve_model(settings.model)
+        model, tokenizer = models.load_base_model(spec, settings.dtype, settings.device)
+        generator = LocalGenerator(model, tokenizer, spec.display_name, models.model_fingerprint(spec))
 
     router = None
     registry_file = Path(settings.adapters_dir) / "registry.json"

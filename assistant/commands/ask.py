@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
+from typing import Any
 
 from assistant.commands import settings_from_args
+from assistant.errors import BedsideError
 
 
 def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -23,17 +26,41 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     ask.set_defaults(func=run_ask)
 
 
+def check_specialty(specialty: str, manifest: dict[str, Any], adapters_dir: Path) -> None:
+    """Raise unless `specialty` names an indexed specialty or a registered adapter's specialty."""
+    known = {doc.get("specialty") for doc in manifest["documents"].values()}
+    try:
+        from assistant.tuning.registry import AdapterRegistry
+    except ImportError:
+        pass
+    else:
+        known |= {entry.get("specialty") for entry in AdapterRegistry(adapters_dir).entries()}
+    known.discard(None)
+    if specialty not in known:
+        raise BedsideError(
+            f"specialty {specialty!r} is unknown; use one of {', '.join(sorted(known)) or '(none indexed)'} "
+            "or leave out --specialty"
+        )
+
+
 def run_ask(args: argparse.Namespace) -> int:
     from assistant.answer.pipeline import build_assistant
     from assistant.corpus.text import normalize_date
+    from assistant.indexing import IndexStore
     from assistant.retrieval import validate_query
 
+    # reject bad input before loading the models and the index
     validate_query(args.question)
     since = normalize_date(args.since, "--since") if args.since else None
+    if args.top_k is not None and args.top_k < 1:
+        raise BedsideError(f"--top-k {args.top_k} is invalid; use a whole number of at least 1")
     extra = {"max_new_tokens": args.max_new_tokens, "backend": args.backend}
     if args.no_store_text:
         extra["store_text"] = False
     settings = settings_from_args(args, **extra)
+    manifest = IndexStore(settings.index_dir).read_manifest()
+    if args.specialty:
+        check_specialty(args.specialty, manifest, settings.adapters_dir)
     assistant = build_assistant(settings)
 
     if args.json:

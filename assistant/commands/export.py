@@ -24,7 +24,7 @@ from assistant.errors import BedsideError
 
 logger = logging.getLogger(__name__)
 
-# vLLM accepts only these LoRA ranks for --max-lora-rank (vllm/config/lora.py, vLLM 0.32).
+# vLLM accepts only these LoRA ranks for --max-lora-rank (MaxLoRARanks in vllm/config/lora.py, vLLM 0.32).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # Files of a model folder that vLLM reads; anything else (training state, caches) stays behind.
 MODEL_SUFFIXES = {".safetensors", ".json", ".jinja", ".txt", ".model", ".tiktoken"}
@@ -57,9 +57,8 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     vllm.add_argument("--max-loras", type=int, metavar="N",
                       help="adapters in one batch (default: exported adapters + 2, at least 4)")
     vllm.add_argument("--max-lora-rank", type=int, choices=VLLM_LORA_RANKS, metavar="R",
-                      help="largest LoRA rank the server accepts (default: the exported adapters' largest, "
-                           "at least 16)")
-    vllm.add_argument("--kv-cache-gib", type=float, default=1.0, metavar="GIB",
+                      help="largest LoRA rank the server accepts (default: the largest exported rank, at least 16)")
+    vllm.add_argument("--kv-cache-gib", type=int, default=1, metavar="GIB",
                       help="CPU only: memory for the KV cache in GiB (VLLM_CPU_KVCACHE_SPACE; default: 1)")
     vllm.add_argument("--no-adapters", action="store_true", help="export the base model only")
     vllm.set_defaults(func=run_export_vllm)
@@ -67,6 +66,7 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
 
 def run_export_vllm(args: argparse.Namespace) -> int:
     from assistant import models
+    from assistant.fileio import atomic_write_json, atomic_write_text
 
     settings = settings_from_args(args)
     out = args.out.resolve()
@@ -84,19 +84,22 @@ def run_export_vllm(args: argparse.Namespace) -> int:
     # launch command
     config = json.loads((base / "config.json").read_text(encoding="utf-8"))
     max_model_len = args.max_model_len or int(config.get("max_position_embeddings") or 2048)
-    served_dtype = args.served_dtype or _served_dtype(settings.dtype, settings.device)
-    ranks = [a.rank for a in adapters]
-    max_rank = args.max_lora_rank or _lora_rank_ceiling(max(ranks + [16]))
+    served_dtype = args.served_dtype or ("bfloat16" if settings.dtype == "auto" else settings.dtype)
+    max_rank = args.max_lora_rank or lora_rank_ceiling(max([a.rank for a in adapters] + [16]))
     max_loras = args.max_loras or max(4, len(adapters) + 2)
-    command = launch_command(
-        python=args.python, base=base, served_name=spec.name, host=args.host, port=args.port,
+    python = args.python
+    if "/" in python and Path(python).exists():
+        # absolute, so the printed command and serve.sh work from any folder
+        python = str(Path(python).absolute())
+    environment, argv = launch_command(
+        python=python, base=base, served_name=spec.name, host=args.host, port=args.port,
         dtype=served_dtype, max_model_len=max_model_len, adapters=adapters, max_loras=max_loras,
         max_lora_rank=max_rank, kv_cache_gib=args.kv_cache_gib, cpu=models.choose_device(settings.device) == "cpu",
     )
+    command = " ".join([*(f"{key}={shlex.quote(value)}" for key, value in environment.items()),
+                        *(shlex.quote(part) for part in argv)])
 
     # manifest and script
-    from assistant.fileio import atomic_write_json, atomic_write_text
-
     manifest = {
         "engine": "vllm",
         "served_model_name": spec.name,
@@ -111,56 +114,52 @@ def run_export_vllm(args: argparse.Namespace) -> int:
         "settings": settings.to_dict(),
     }
     atomic_write_json(out / "bedside_export.json", manifest)
+    lines = ["#!/bin/sh", "# Written by `bedside export vllm`; rerun the export to change it.", "set -e"]
+    lines += [f"export {key}={shlex.quote(value)}" for key, value in environment.items()]
+    lines.append("exec " + " ".join(shlex.quote(part) for part in argv) + ' "$@"')
     script = out / "serve.sh"
-    atomic_write_text(script, "#!/bin/sh\n# Written by `bedside export vllm`; rerun the export to change it.\n"
-                              f"exec {command}\n")
+    atomic_write_text(script, "\n".join(lines) + "\n")
     script.chmod(0o755)
 
     print(f"exported {spec.display_name} ({fingerprint[:19]}) and {len(adapters)} adapter(s) to {out}")
     for adapter in adapters:
         print(f"  adapter {adapter.name}: rank {adapter.rank}, {adapter.path}")
-    print("start vLLM with:")
+    print("start vLLM with (or run serve.sh in that folder):")
     print(command)
-    print(f"then ask through it with: bedside ask --backend vllm \"...\"  (vllm_url http://{args.host}:{args.port}/v1)")
+    print(f"then answer through it with: BEDSIDE_VLLM_URL={manifest['url']} bedside ask --backend vllm \"...\"")
     return 0
 
 
-def _served_dtype(setting: str, device: str) -> str:
-    """vLLM's dtype: the explicit setting, else bf16 (vLLM's CPU kernels and most GPUs run it natively)."""
-    if setting != "auto":
-        return setting
-    return "bfloat16"
-
-
-def _lora_rank_ceiling(rank: int) -> int:
+def lora_rank_ceiling(rank: int) -> int:
+    """Return the smallest rank vLLM accepts for --max-lora-rank that is at least `rank`."""
     for allowed in VLLM_LORA_RANKS:
         if allowed >= rank:
             return allowed
-    raise BedsideError(f"LoRA rank {rank} is above vLLM's largest ({VLLM_LORA_RANKS[-1]}); retrain with a lower r")
+    raise BedsideError(f"LoRA rank {rank} is above vLLM's maximum ({VLLM_LORA_RANKS[-1]}); retrain with a lower r")
 
 
 def launch_command(*, python: str, base: Path, served_name: str, host: str, port: int, dtype: str,
                    max_model_len: int, adapters: list[ExportedAdapter], max_loras: int, max_lora_rank: int,
-                   kv_cache_gib: float, cpu: bool) -> str:
-    """Return the shell command that starts vLLM's OpenAI-compatible server on this export.
+                   kv_cache_gib: int, cpu: bool) -> tuple[dict[str, str], list[str]]:
+    """Return the environment and argv that start vLLM's OpenAI-compatible server on this export.
 
     The server is started as a module because the `vllm` console script of vllm-cpu 0.32.0 fails on a
-    package-metadata lookup. VLLM_ALLOW_RUNTIME_LORA_UPDATING enables the load/unload endpoints that
-    let a promoted adapter reach the running server.
+    package-metadata lookup. VLLM_ALLOW_RUNTIME_LORA_UPDATING enables the load and unload endpoints
+    that let a promoted adapter reach the running server.
     """
-    env = ["VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"]
+    environment = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
     if cpu:
-        env.append(f"VLLM_CPU_KVCACHE_SPACE={kv_cache_gib:g}")
+        environment["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
     argv = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base),
             "--served-model-name", served_name, "--host", host, "--port", str(port), "--dtype", dtype,
             "--max-model-len", str(max_model_len), "--enable-lora", "--max-loras", str(max_loras),
             "--max-lora-rank", str(max_lora_rank)]
     if adapters:
         argv += ["--lora-modules", *(f"{a.name}={a.path}" for a in adapters)]
-    return " ".join(env) + " " + " ".join(shlex.quote(part) for part in argv)
+    return environment, argv
 
 
-# base model
+# exporting the base model
 
 
 def export_base(spec: Any, fingerprint: str, target: Path) -> Path:
@@ -186,7 +185,7 @@ def export_base(spec: Any, fingerprint: str, target: Path) -> Path:
     tmp.mkdir(parents=True)
     copied = 0
     for path in sorted(source.iterdir()):
-        if path.is_file() and path.suffix in MODEL_SUFFIXES:
+        if path.is_file() and path.suffix in MODEL_SUFFIXES and path.name != "bedside_source.json":
             _link_or_copy(path, tmp / path.name)
             copied += 1
     if not any(p.suffix == ".safetensors" for p in tmp.iterdir()):
@@ -194,7 +193,6 @@ def export_base(spec: Any, fingerprint: str, target: Path) -> Path:
         raise BedsideError(f"base model {spec.display_name!r} has no safetensors weights in {str(source)!r}; "
                            "convert it with `save_pretrained(safe_serialization=True)`")
     # the served folder's identity is its source's: adapters are matched against this fingerprint
-    (tmp / "bedside_source.json").unlink(missing_ok=True)
     atomic_write_json(tmp / "bedside_source.json", {"source": spec.display_name, "source_fingerprint": fingerprint})
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
@@ -214,47 +212,56 @@ def _hub_snapshot(repo_id: str) -> Path:
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
-    # a hard link costs no space; weight files in the cache are never rewritten in place
+    # a hard link costs no space, and weight files in the conversion cache are never rewritten in place
     try:
         os.link(source, target)
     except OSError:
         shutil.copy2(source, target)
 
 
-# adapters
+# exporting adapters
 
 
 def export_adapters(settings: Any, fingerprint: str, target: Path) -> list[ExportedAdapter]:
-    """Copy each active adapter of the registry to `target/<name>`, checking it was trained on this base."""
+    """Copy each active adapter of the registry to `target/<name>`, checking its base and its weights' hash."""
+    from assistant.tuning.registry import sha256_file
+
     records = active_adapter_records(settings)
     exported: list[ExportedAdapter] = []
     target.mkdir(parents=True, exist_ok=True)
     for record in records:
-        source = Path(record["path"])
+        name, source = record["name"], Path(record["path"])
         if not (source / "adapter_config.json").is_file():
-            raise BedsideError(f"active adapter {record['name']!r} has no adapter_config.json in {str(source)!r}; "
+            raise BedsideError(f"active adapter {name!r} has no adapter_config.json in {str(source)!r}; "
                                "retrain it or roll the registry back")
-        base_fp = record.get("base_fingerprint")
-        if base_fp and base_fp != fingerprint:
-            raise BedsideError(f"active adapter {record['name']!r} was trained on base {base_fp[:19]}, not the "
+        base_fingerprint = record.get("base_fingerprint")
+        if base_fingerprint and base_fingerprint != fingerprint:
+            raise BedsideError(f"active adapter {name!r} was trained on base {base_fingerprint[:19]}, not the "
                                f"configured base {fingerprint[:19]}; set --model to its base or retrain it")
         config = json.loads((source / "adapter_config.json").read_text(encoding="utf-8"))
-        destination = target / record["name"]
+
+        destination = target / name
         tmp = destination.with_name(destination.name + f".tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         for path in sorted(source.iterdir()):
             if path.is_file() and path.suffix in {".safetensors", ".json"}:
                 shutil.copy2(path, tmp / path.name)
-        if not (tmp / "adapter_model.safetensors").is_file():
+        weights = tmp / "adapter_model.safetensors"
+        if not weights.is_file():
             shutil.rmtree(tmp, ignore_errors=True)
-            raise BedsideError(f"active adapter {record['name']!r} has no adapter_model.safetensors in "
-                               f"{str(source)!r}; bedside serves safetensors adapters only")
+            raise BedsideError(f"active adapter {name!r} has no adapter_model.safetensors in {str(source)!r}; "
+                               "bedside serves safetensors adapters only")
+        if record.get("sha256") and sha256_file(weights) != record["sha256"]:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise BedsideError(f"the weights of active adapter {name!r} in {str(source)!r} changed after "
+                               "registration (sha256 differs); retrain it or restore the file")
         shutil.rmtree(destination, ignore_errors=True)
         os.replace(tmp, destination)
-        exported.append(ExportedAdapter(name=record["name"], path=destination, rank=int(config.get("r", 8)),
+        exported.append(ExportedAdapter(name=name, path=destination, rank=int(config.get("r", 8)),
                                         sha256=record.get("sha256"), specialty=record.get("specialty")))
-    # adapters no longer active must not stay servable from an old export
+
+    # an adapter that is no longer active must not stay servable from an earlier export
     names = {a.name for a in exported}
     for stale in target.iterdir():
         if stale.is_dir() and stale.name not in names:
@@ -263,24 +270,17 @@ def export_adapters(settings: Any, fingerprint: str, target: Path) -> list[Expor
 
 
 def active_adapter_records(settings: Any) -> list[dict[str, Any]]:
-    """The registry's active adapters as dicts with name, path and, where known, sha256, specialty, base."""
-    registry_file = Path(settings.adapters_dir) / "registry.json"
-    if not registry_file.is_file():
-        logger.info("no adapter registry at %s; exporting the base model only", registry_file)
-        return []
-    from assistant.tuning.registry import AdapterRegistry
+    """Return the registry's active adapters: name, folder, weights sha256, specialty and base fingerprint."""
+    from assistant.tuning.registry import ADAPTER_WEIGHTS, AdapterRegistry
 
     registry = AdapterRegistry(Path(settings.adapters_dir))
-    return [_record_dict(r, Path(settings.adapters_dir)) for r in registry.active()]
-
-
-def _record_dict(record: Any, adapters_dir: Path) -> dict[str, Any]:
-    get = record.get if isinstance(record, dict) else (lambda key: getattr(record, key, None))
-    path = Path(get("path"))
-    if not path.is_absolute() and not path.exists():
-        path = adapters_dir / path
-    return {"name": get("name"), "path": path, "sha256": get("sha256"), "specialty": get("specialty"),
-            "base_fingerprint": get("base_fingerprint")}
+    if not registry.path.is_file():
+        logger.info("no adapter registry at %s; exporting the base model only", registry.path)
+        return []
+    return [{"name": entry["name"], "path": registry.folder(entry),
+             "sha256": entry.get("files", {}).get(ADAPTER_WEIGHTS), "specialty": entry.get("specialty"),
+             "base_fingerprint": entry.get("base", {}).get("fingerprint")}
+            for entry in registry.active_entries()]
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

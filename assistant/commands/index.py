@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from assistant.commands import settings_from_args
+from assistant.errors import BedsideError
 
 
 def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -50,6 +51,13 @@ def run_rebuild(args: argparse.Namespace) -> int:
     for path, reason in report.problems:
         print(f"bedside: skipped {path}: {reason}", file=sys.stderr)
     documents = report.documents
+    if not documents:
+        # replacing a good index with an empty one would lose it; `bedside index remove` empties on purpose
+        corpus = ", ".join(str(path) for path in settings.corpus)
+        raise BedsideError(
+            f"no documents could be loaded from {corpus} ({len(report.problems)} problems listed above); "
+            "the index was left unchanged: pass files or folders of .md, .txt, .html, .pdf, .xml or .jsonl to --corpus"
+        )
     if args.scrub:
         from assistant.safety.scrub import scrub_documents
 

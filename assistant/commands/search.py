@@ -26,7 +26,9 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
 
 
 def read_queries(path: Path) -> list[str]:
+    """Read one query a line, or JSONL with a `query` field; every query is validated with its line number."""
     from assistant.corpus.text import read_utf8
+    from assistant.retrieval import validate_query
 
     if not path.is_file():
         raise BedsideError(f"queries file {str(path)!r} not found")
@@ -41,9 +43,13 @@ def read_queries(path: Path) -> list[str]:
                 raise BedsideError(f"{path}:{number} is not valid JSON ({err.msg})") from err
             if not isinstance(record, dict) or not isinstance(record.get("query"), str):
                 raise BedsideError(f"{path}:{number} has no string `query` field")
-            queries.append(record["query"])
+            query = record["query"]
         else:
-            queries.append(line.strip())
+            query = line.strip()
+        try:
+            queries.append(validate_query(query))
+        except BedsideError as err:
+            raise BedsideError(f"{path}:{number}: {err}") from err
     if not queries:
         raise BedsideError(f"queries file {str(path)!r} holds no queries")
     return queries
@@ -54,14 +60,18 @@ def run_search(args: argparse.Namespace) -> int:
     from assistant.answer.pipeline import embedder_info
     from assistant.corpus.text import normalize_date
     from assistant.indexing import IndexStore
-    from assistant.retrieval import Retriever
+    from assistant.retrieval import Retriever, validate_query
 
+    # reject bad input before loading the embedder and the index
     if (args.query is None) == (args.queries is None):
         raise BedsideError("give either a query or --queries FILE")
+    queries = read_queries(args.queries) if args.queries else [validate_query(args.query)]
     since = normalize_date(args.since, "--since") if args.since else None
     settings = settings_from_args(args)
-    queries = read_queries(args.queries) if args.queries else [args.query]
     top_k = args.top_k if args.top_k is not None else settings.top_k
+    if top_k < 1:
+        raise BedsideError(f"--top-k {top_k} is invalid; use a whole number of at least 1")
+    IndexStore(settings.index_dir).read_manifest()
 
     embedder_path = models.resolve_embedder(settings.embedder)
     embedder = models.load_embedder(embedder_path, settings.device)

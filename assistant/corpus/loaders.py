@@ -6,12 +6,15 @@ and the fix. `load_corpus` walks files and folders, reports every bad file and k
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
 import logging
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from xml.etree.ElementTree import Element, ParseError
 
 import yaml
@@ -45,6 +48,7 @@ def slug(text: str) -> str:
 
 _FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*(?:\n|\Z)", re.DOTALL)
 _HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
+_FENCE = re.compile(r"^\s{0,3}(```|~~~)")
 
 
 def _front_matter(text: str, path: Path) -> tuple[dict, str]:
@@ -54,7 +58,14 @@ def _front_matter(text: str, path: Path) -> tuple[dict, str]:
     try:
         meta = yaml.safe_load(match.group(1)) or {}
     except yaml.YAMLError as err:
-        raise CorpusError(f"front matter of {str(path)!r} is not valid YAML: {err}") from err
+        # PyYAML's own message spans several lines; the CLI prints errors as one line
+        problem = getattr(err, "problem", None) or "syntax error"
+        mark = getattr(err, "problem_mark", None)
+        # the front matter starts on line 2 of the file, after the opening ---
+        where = f" at line {mark.line + 2}" if mark is not None else ""
+        raise CorpusError(
+            f"front matter of {str(path)!r} is not valid YAML ({problem}{where}); fix the YAML between the --- lines"
+        ) from err
     if not isinstance(meta, dict):
         raise CorpusError(f"front matter of {str(path)!r} must be a mapping of field: value")
     return meta, text[match.end():]
@@ -74,8 +85,12 @@ def _markdown_sections(body: str) -> tuple[str | None, list[Section]]:
             sections.append(Section(text=text, title=title))
         lines.clear()
 
+    in_fence = False
     for line in body.splitlines():
-        match = _HEADING.match(line)
+        if _FENCE.match(line):
+            in_fence = not in_fence
+        # a `#` line inside a fenced code block is code (a shell comment), not a heading
+        match = None if in_fence else _HEADING.match(line)
         if not match:
             lines.append(line)
             continue
@@ -120,58 +135,106 @@ def load_text(path: Path) -> list[Document]:
 
 # HTML
 
+# Elements whose content starts on a new line; everything else is inline text.
+_HTML_BLOCKS = (
+    "address", "article", "aside", "blockquote", "dd", "div", "dl", "dt", "figcaption", "figure", "header",
+    "hr", "li", "main", "ol", "p", "pre", "section", "ul",
+)
+_HTML_DROPPED = ["script", "style", "noscript", "nav", "footer", "template", "form", "button", "svg", "iframe"]
+
+
+def _html_to_markdown(soup: Any) -> str:
+    """Render parsed HTML as Markdown-like lines: `#` headings, `- ` list items and Markdown tables."""
+    from bs4 import NavigableString
+
+    # HTML collapses every whitespace run (line breaks included) to one space
+    for string in list(soup.find_all(string=True)):
+        if type(string) is NavigableString:
+            string.replace_with(re.sub(r"\s+", " ", str(string)))
+    # innermost tables first, so an outer table's cells already hold the inner table's text
+    for table in reversed(soup.find_all("table")):
+        rows = [[cell.get_text(" ", strip=True) for cell in tr.find_all(["th", "td"])] for tr in table.find_all("tr")]
+        table.replace_with(NavigableString("\n" + markdown_table([r for r in rows if any(r)]) + "\n"))
+    for heading in soup.find_all(["h1", "h2", "h3", "h4", "h5", "h6"]):
+        level = int(heading.name[1])
+        text = heading.get_text(" ", strip=True)
+        heading.replace_with(NavigableString(f"\n{'#' * level} {text}\n" if text else "\n"))
+    for line_break in soup.find_all("br"):
+        line_break.replace_with(NavigableString("\n"))
+    for block in soup.find_all(_HTML_BLOCKS):
+        block.insert_before(NavigableString("\n"))
+        block.insert_after(NavigableString("\n"))
+        if block.name == "li":
+            block.insert(0, NavigableString("- "))
+    root = soup.body or soup
+    lines = [line.strip() for line in root.get_text().splitlines()]
+    return "\n".join(line for line in lines if line)
+
+
 def load_html(path: Path) -> list[Document]:
     from bs4 import BeautifulSoup
 
     soup = BeautifulSoup(read_utf8(path), "lxml")
-    for tag in soup(["script", "style", "noscript", "nav", "footer"]):
-        tag.decompose()
-    for table in soup.find_all("table"):
-        rows = [[cell.get_text(" ", strip=True) for cell in tr.find_all(["th", "td"])] for tr in table.find_all("tr")]
-        table.replace_with("\n" + markdown_table([r for r in rows if r]) + "\n")
+    meta = {name.lower(): tag.get("content") for tag in soup.find_all("meta")
+            if (name := tag.get("name")) and tag.get("content")}
     title_tag = soup.find("title") or soup.find("h1")
-    title = title_tag.get_text(" ", strip=True) if title_tag else path.stem
+    title = title_tag.get_text(" ", strip=True) if title_tag else ""
+    for tag in soup(_HTML_DROPPED):
+        tag.decompose()
+    if soup.head is not None:
+        soup.head.decompose()
 
-    sections: list[Section] = []
-    heading: str | None = None
-    buffer: list[str] = []
-    body = soup.body or soup
-    # Walk text blocks in document order; headings start a new section.
-    for node in body.descendants:
-        name = getattr(node, "name", None)
-        if name in {"h1", "h2", "h3", "h4"}:
-            text = collapse_whitespace("\n".join(buffer))
-            if text:
-                sections.append(Section(text=text, title=heading))
-            buffer = []
-            heading = node.get_text(" ", strip=True)
-        elif name is None and node.parent is not None and node.parent.name not in {"h1", "h2", "h3", "h4"}:
-            piece = str(node)
-            if piece.strip():
-                buffer.append(piece if "\n|" in piece or piece.startswith("\n|") else piece.strip())
-        elif name in {"p", "li", "br", "div", "tr"}:
-            buffer.append("\n")
-    text = collapse_whitespace(" ".join(buffer).replace(" \n ", "\n"))
-    if text:
-        sections.append(Section(text=text, title=heading))
+    h1, sections = _markdown_sections(_html_to_markdown(soup))
     if not sections:
-        raise CorpusError(f"{str(path)!r} has no visible text")
-    meta = {name: tag.get("content") for tag in soup.find_all("meta") if (name := tag.get("name"))}
-    return [_document_from_meta(meta, path, title, sections)]
+        raise CorpusError(f"{str(path)!r} has no visible text; check that the page is not rendered by scripts")
+    return [_document_from_meta(meta, path, title or h1 or path.stem, sections)]
 
 
 # PDF
 
+class _CountingHandler(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
+
+
+@contextlib.contextmanager
+def _pypdf_warnings_counted() -> Iterator[_CountingHandler]:
+    """Count pypdf's repair warnings instead of letting them through.
+
+    pypdf logs one warning per unreadable object while it repairs a damaged file: a PDF cut in half
+    produced about 2,900 lines, which would bury the one error the user needs to read.
+    """
+    pdf_logger = logging.getLogger("pypdf")
+    handler = _CountingHandler()
+    propagate = pdf_logger.propagate
+    pdf_logger.addHandler(handler)
+    pdf_logger.propagate = False
+    try:
+        yield handler
+    finally:
+        pdf_logger.removeHandler(handler)
+        pdf_logger.propagate = propagate
+
+
 def load_pdf(path: Path) -> list[Document]:
     from pypdf import PdfReader
-    from pypdf.errors import PdfReadError, PdfStreamError
 
     try:
-        reader = PdfReader(path)
-        pages = [page.extract_text() or "" for page in reader.pages]
-        info = reader.metadata or {}
-    except (PdfReadError, PdfStreamError, ValueError, KeyError, TypeError, OSError) as err:
+        with _pypdf_warnings_counted() as repairs:
+            reader = PdfReader(path)
+            pages = [page.extract_text() or "" for page in reader.pages]
+            info = reader.metadata or {}
+    # A damaged PDF surfaces as many exception types from pypdf and the codecs under it (PdfReadError,
+    # zlib.error, KeyError, IndexError, RecursionError...); each means this file cannot be read.
+    except Exception as err:  # noqa: BLE001
         raise CorpusError(f"{str(path)!r} is not a readable PDF ({err}); re-export it or remove it") from err
+    if repairs.count:
+        logger.warning("%s: pypdf repaired %d structural problems while reading it; check the extracted text "
+                       "or re-export the PDF", path, repairs.count)
     sections = [Section(text=collapse_whitespace(text), page=number) for number, text in enumerate(pages, 1)]
     sections = [s for s in sections if s.text]
     if not sections:
@@ -180,7 +243,9 @@ def load_pdf(path: Path) -> list[Document]:
     date = None
     raw_date = str(info.get("/ModDate") or info.get("/CreationDate") or "")
     if raw_date.startswith("D:") and len(raw_date) >= 10:
-        date = normalize_date(raw_date[2:10], path)
+        # a malformed date in the PDF's metadata is no reason to drop its text
+        with contextlib.suppress(CorpusError):
+            date = normalize_date(raw_date[2:10], path)
     return [Document(doc_id=slug(path.stem), title=title, sections=sections, source=path.as_posix(), date=date)]
 
 
@@ -196,6 +261,8 @@ MEDQUAD_SPECIALTIES = {
     "GHR": "genetics",
 }
 SPL_NS = "{urn:hl7-org:v3}"
+# LOINC 42229-5 "SPL UNCLASSIFIED SECTION" labels a section that has no heading; it names nothing.
+SPL_UNCLASSIFIED_CODE = "42229-5"
 
 
 def _parse_xml(path: Path) -> Element:
@@ -253,24 +320,72 @@ def _medquad(root: Element, path: Path) -> list[Document]:
     return documents
 
 
+def _spl_inline(element: Element) -> str:
+    """Text of an SPL element on one line: `<br/>` becomes a space and a footnote its text in parentheses."""
+    parts = [element.text or ""]
+    for child in element:
+        tag = child.tag.removeprefix(SPL_NS)
+        if tag == "br":
+            parts.append(" ")
+        elif tag == "footnote":
+            parts.append(f" ({_spl_inline(child)}) ")
+        else:
+            parts.append(_spl_inline(child))
+        parts.append(child.tail or "")
+    return " ".join("".join(parts).split())
+
+
+def _spl_list(element: Element, depth: int = 0) -> list[str]:
+    """One `- ` line per list item; a nested list follows its parent item, indented."""
+    lines = []
+    for item in element.findall(SPL_NS + "item"):
+        nested = item.findall(SPL_NS + "list")
+        for sublist in nested:
+            item.remove(sublist)
+        text = _spl_inline(item)
+        if text:
+            lines.append("  " * depth + "- " + text)
+        for sublist in nested:
+            lines.extend(_spl_list(sublist, depth + 1))
+    return lines
+
+
+def _spl_table(element: Element) -> list[str]:
+    """A caption line, the table as Markdown (head rows, then body rows), then footer rows as notes."""
+    def rows_of(*parts: str) -> list[Element]:
+        return [tr for part in parts for group in element.findall(SPL_NS + part) for tr in group.findall(SPL_NS + "tr")]
+
+    def cells(tr: Element) -> list[str]:
+        return [_spl_inline(cell) for cell in tr if cell.tag in {SPL_NS + "td", SPL_NS + "th"}]
+
+    lines = []
+    caption = element.find(SPL_NS + "caption")
+    if caption is not None and _spl_inline(caption):
+        lines.append(_spl_inline(caption))
+    rows = [cells(tr) for tr in rows_of("thead", "tbody") + element.findall(SPL_NS + "tr")]
+    rows = [row for row in rows if any(row)]
+    if rows:
+        lines.append(markdown_table(rows))
+    # a footer row spans the table with abbreviations and notes, which read better as prose
+    lines += [note for tr in rows_of("tfoot") if (note := " ".join(c for c in cells(tr) if c))]
+    return lines
+
+
 def _spl_text(element: Element) -> str:
     """Text of an SPL <text> element: paragraphs and list items on their own lines, tables as Markdown."""
     parts: list[str] = []
+    if element.text and element.text.strip():
+        parts.append(" ".join(element.text.split()))
     for child in element:
         tag = child.tag.removeprefix(SPL_NS)
         if tag == "table":
-            rows = []
-            for tr in child.iter(SPL_NS + "tr"):
-                cells = ["".join(cell.itertext()) for cell in tr if cell.tag in {SPL_NS + "td", SPL_NS + "th"}]
-                if any(c.strip() for c in cells):
-                    rows.append(cells)
-            parts.append(markdown_table(rows))
+            parts.extend(_spl_table(child))
         elif tag == "list":
-            parts.extend("- " + " ".join("".join(item.itertext()).split()) for item in child.iter(SPL_NS + "item"))
+            parts.extend(_spl_list(child))
         else:
-            parts.append(" ".join("".join(child.itertext()).split()))
-    if element.text and element.text.strip():
-        parts.insert(0, element.text.strip())
+            parts.append(_spl_inline(child))
+        if child.tail and child.tail.strip():
+            parts.append(" ".join(child.tail.split()))
     return "\n".join(p for p in parts if p.strip())
 
 
@@ -283,7 +398,9 @@ def _spl(root: Element, path: Path) -> Document:
 
     def walk(section: Element, trail: list[str]) -> None:
         code = section.find(SPL_NS + "code")
-        name = title_of(section) or (code.get("displayName", "").title() if code is not None else "")
+        name = title_of(section)
+        if not name and code is not None and code.get("code") != SPL_UNCLASSIFIED_CODE:
+            name = code.get("displayName", "").title()
         here = trail + [name] if name else trail
         text_node = section.find(SPL_NS + "text")
         if text_node is not None:
@@ -341,37 +458,47 @@ def iter_jsonl(path: Path) -> Iterable[tuple[int, dict | None, str | None]]:
         yield number, value, None
 
 
-def load_jsonl(path: Path) -> list[Document]:
-    """Read `{"id", "title", "text", "source", "date"?, "specialty"?}` lines; bad lines are logged and skipped."""
-    documents, problems = [], []
+def _optional_str(value: object) -> str | None:
+    return str(value).strip() or None if value is not None else None
+
+
+def load_jsonl(path: Path, problems: list[tuple[str, str]] | None = None) -> list[Document]:
+    """Read `{"id", "title", "text", "source", "date"?, "specialty"?}` lines.
+
+    A bad line is skipped and logged; with `problems` given, it is also appended there as
+    ("FILE:LINE", reason). A file without one valid line raises `CorpusError`.
+    """
+    documents, skipped = [], []
     for number, record, problem in iter_jsonl(path):
         if record is not None:
             missing = [key for key in ("id", "title", "text", "source") if not str(record.get(key) or "").strip()]
             if missing:
                 problem = f"missing field(s) {', '.join(missing)}"
+        if not problem:
+            try:
+                date = normalize_date(record.get("date"), f"{path}:{number}")
+            except CorpusError as err:
+                problem = str(err)
         if problem:
-            problems.append(f"line {number}: {problem}")
-            continue
-        try:
-            date = normalize_date(record.get("date"), f"{path}:{number}")
-        except CorpusError as err:
-            problems.append(f"line {number}: {err}")
+            skipped.append((number, problem))
             continue
         documents.append(Document(
-            doc_id=str(record["id"]),
-            title=str(record["title"]),
-            sections=[Section(text=str(record["text"]).strip(), title=record.get("section"))],
-            source=str(record["source"]),
+            doc_id=str(record["id"]).strip(),
+            title=str(record["title"]).strip(),
+            sections=[Section(text=str(record["text"]).strip(), title=_optional_str(record.get("section")))],
+            source=str(record["source"]).strip(),
             date=date,
-            specialty=record.get("specialty"),
-            issuer=record.get("issuer"),
-            version=str(record["version"]) if record.get("version") is not None else None,
+            specialty=_optional_str(record.get("specialty")),
+            issuer=_optional_str(record.get("issuer")),
+            version=_optional_str(record.get("version")),
         ))
-    for problem in problems:
-        logger.warning("%s: skipped %s", path, problem)
     if not documents:
-        detail = "; ".join(problems[:3]) or "no lines"
+        detail = "; ".join(f"line {number}: {problem}" for number, problem in skipped[:3]) or "no lines"
         raise CorpusError(f"{str(path)!r} has no valid document lines ({detail})")
+    for number, problem in skipped:
+        logger.warning("%s: skipped line %d: %s", path, number, problem)
+        if problems is not None:
+            problems.append((f"{path}:{number}", f"line {number} skipped: {problem}"))
     return documents
 
 
@@ -386,8 +513,18 @@ LOADERS: dict[str, Loader] = {
     ".jsonl": load_jsonl,
 }
 
+# Files that describe a folder rather than belong to its corpus (MedQuAD ships LICENSE.txt and
+# UPSTREAM_README.txt); skipped when a folder is walked, loaded when named on their own.
+_NOT_CORPUS = re.compile(r"^(.*[_.-])?(readme|licen[cs]e|notice|copying|changelog|authors)$", re.IGNORECASE)
 
-def load_file(path: Path) -> list[Document]:
+
+def load_file(path: Path, problems: list[tuple[str, str]] | None = None) -> list[Document]:
+    """Load one file with the loader for its suffix.
+
+    `problems` collects the parts of a file a loader skipped (bad JSONL lines); a file that cannot be
+    read at all raises `CorpusError`.
+    """
+    path = Path(path)
     loader = LOADERS.get(path.suffix.lower())
     if loader is None:
         raise CorpusError(
@@ -395,7 +532,12 @@ def load_file(path: Path) -> list[Document]:
         )
     if not path.is_file():
         raise CorpusError(f"{str(path)!r} not found")
-    return loader(path)
+    try:
+        if problems is not None and "problems" in inspect.signature(loader).parameters:
+            return loader(path, problems=problems)
+        return loader(path)
+    except OSError as err:
+        raise CorpusError(f"{str(path)!r} cannot be read ({err.strerror or err}); check its permissions") from err
 
 
 def _corpus_files(paths: Iterable[Path]) -> tuple[list[Path], list[tuple[str, str]]]:
@@ -407,24 +549,27 @@ def _corpus_files(paths: Iterable[Path]) -> tuple[list[Path], list[tuple[str, st
         elif root.is_dir():
             for path in sorted(root.rglob("*")):
                 hidden = any(part.startswith(".") for part in path.relative_to(root).parts)
-                if path.is_file() and not hidden and path.name.lower() != "readme.md":
-                    if path.suffix.lower() in LOADERS:
-                        files.append(path)
-                    elif path.suffix.lower() not in {".txt", ".license"} and path.name != "LICENSE":
-                        logger.debug("skipping %s: unsupported type", path)
+                if hidden or not path.is_file():
+                    continue
+                if _NOT_CORPUS.match(path.stem):
+                    logger.debug("skipping %s: describes the folder, not a corpus document", path)
+                elif path.suffix.lower() in LOADERS:
+                    files.append(path)
+                else:
+                    logger.debug("skipping %s: unsupported type", path)
         else:
             problems.append((str(root), "not found; pass an existing file or folder to --corpus"))
     return files, problems
 
 
 def load_corpus(paths: Iterable[Path], progress: bool = False) -> LoadReport:
-    """Load every supported file under `paths`; bad files are reported in `problems` and skipped."""
+    """Load every supported file under `paths`; bad files and lines are reported in `problems` and skipped."""
     files, problems = _corpus_files(paths)
     report = LoadReport(problems=problems, files=len(files))
     seen: dict[str, str] = {}
     for path in tqdm(files, desc="loading", unit="file", disable=not progress):
         try:
-            documents = load_file(path)
+            documents = load_file(path, report.problems)
         except CorpusError as err:
             report.problems.append((str(path), str(err)))
             logger.warning("skipped %s", err)

@@ -216,3 +216,14 @@ def load_answer_questions(path: Path) -> list[AnswerQuestion]:
     if not questions:
         raise BedsideError(f"questions file {str(path)!r} holds no questions")
     return questions
+
+
+def spread(ids: list[str], limit: int) -> list[str]:
+    """`limit` ids taken evenly across `ids` (all of them when `limit` is 0 or too large).
+
+    The PubMedQA release lists its test split sorted by answer (276 yes, then no, then maybe), so
+    the first 100 are all "yes"; an even spread keeps the label mix of the whole split.
+    """
+    if not limit or limit >= len(ids):
+        return list(ids)
+    return [ids[(n * len(ids)) // limit] for n in range(limit)]

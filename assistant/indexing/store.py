@@ -228,27 +228,33 @@ class IndexStore:
             raise IndexStoreError(
                 f"no index found in {str(self.root)!r}; build one with `bedside index rebuild --index {self.root}`"
             )
-        try:
-            manifest = self.verify(version)
-        except IndexStoreError as err:
-            previous = self._previous_of(version)
-            if previous is None:
-                raise IndexStoreError(f"{err}; no previous version to fall back to: run `bedside index rebuild`") from err
-            logger.error("%s; serving the previous version %s instead", err, previous)
-            return self.open(embedder, previous)
+        while True:
+            try:
+                manifest = self.verify(version)
+                break
+            except IndexStoreError as err:
+                previous = self._previous_of(version)
+                if previous is None:
+                    raise IndexStoreError(
+                        f"{err}; no previous version to fall back to: run `bedside index rebuild --full`"
+                    ) from err
+                logger.error("%s; serving the previous version %s instead", err, previous)
+                version = previous
         if embedder is not None:
             check_embedder(manifest, embedder, self.root)
         return self._load(version, manifest)
 
     def _previous_of(self, version: str) -> str | None:
+        """The version to serve when `version` is unusable; always an older one, so fallbacks end."""
         try:
             previous = self.read_manifest(version).get("previous_version")
         except IndexStoreError:
-            # the manifest itself is gone: the newest other complete version is the fallback
-            candidates = sorted(p.name for p in self.versions_dir.iterdir() if p.is_dir()
-                                and not p.name.startswith(".") and p.name != version) if self.versions_dir.is_dir() else []
-            previous = candidates[-1] if candidates else None
-        if previous and (self.versions_dir / previous).is_dir():
+            # the manifest itself is gone: the newest older complete version is the fallback
+            older = sorted(p.name for p in self.versions_dir.iterdir()
+                           if p.is_dir() and not p.name.startswith(".") and p.name < version) \
+                if self.versions_dir.is_dir() else []
+            previous = older[-1] if older else None
+        if previous and previous < version and (self.versions_dir / previous).is_dir():
             return previous
         return None
 
@@ -282,6 +288,8 @@ class IndexStore:
         start = time.perf_counter()
         with exclusive_lock(self.root / ".lock"):
             self._remove_stale_builds()
+            # the build folder exists from the start, so a crash at any step leaves it behind as stale
+            version, building = self._new_build_folder()
             previous = self._reusable_previous(embedder_info, chunker, full)
             old_docs: dict[str, Any] = previous.manifest["documents"] if previous else {}
             summary = BuildSummary(version="", documents=len(documents), chunks=0, problems=list(problems or []))
@@ -308,13 +316,15 @@ class IndexStore:
                 vectors.append(previous.vectors_of([c.int_id for c in reused]))
             from tqdm.auto import tqdm
 
+            truncated_before = chunker.report.truncated
             fresh_chunks = [c for d in tqdm(fresh_docs, desc="chunking", unit="doc", disable=not progress)
                             for c in chunker.chunk_document(d)]
             if fresh_chunks:
                 vectors.append(embed_texts(embedder, [c.embedding_text for c in fresh_chunks], progress))
             chunks += fresh_chunks
             summary.embedded_chunks = len(fresh_chunks)
-            summary.truncated_chunks = chunker.report.truncated
+            # the chunker may be reused across rebuilds, so count only this build's truncations
+            summary.truncated_chunks = chunker.report.truncated - truncated_before
             if previous:
                 previous.close()
 
@@ -322,8 +332,8 @@ class IndexStore:
             doc_meta = {d.doc_id: {"content_hash": d.content_hash, "title": d.title, "source": d.source,
                                    "date": d.date, "version": d.version, "specialty": d.specialty}
                         for d in documents}
-            summary.version = self._write_version(chunks, matrix, doc_meta, embedder_info, chunker, settings,
-                                                  index_type, summary)
+            summary.version = self._write_version(version, building, chunks, matrix, doc_meta, embedder_info,
+                                                  chunker, settings, index_type, summary)
         summary.chunks = len(chunks)
         summary.seconds = time.perf_counter() - start
         logger.info(summary.line())
@@ -348,8 +358,11 @@ class IndexStore:
             doc_meta = {d: manifest["documents"][d] for d in keep}
             summary = BuildSummary(version="", documents=len(keep), chunks=len(chunks), removed=len(doc_ids),
                                    unchanged=len(keep))
+            self._remove_stale_builds()
+            version, building = self._new_build_folder()
             summary.version = self._write_version(
-                chunks, matrix, doc_meta, EmbedderInfo(**manifest["embedder"]), None, manifest["settings"],
+                version, building, chunks, matrix, doc_meta, EmbedderInfo(**manifest["embedder"]), None,
+                manifest["settings"],
                 manifest.get("index_type_setting", "auto"), summary, chunking=manifest["chunking"],
             )
         summary.seconds = time.perf_counter() - start
@@ -384,16 +397,20 @@ class IndexStore:
             return None
         return previous
 
-    def _write_version(self, chunks: list[Chunk], vectors: np.ndarray, doc_meta: dict[str, Any],
-                       embedder_info: EmbedderInfo, chunker: Chunker | None, settings: dict[str, Any],
-                       index_type_setting: str, summary: BuildSummary,
-                       chunking: dict[str, Any] | None = None) -> str:
-        import faiss
-
-        version = dt.datetime.now(dt.timezone.utc).strftime("v%Y%m%dT%H%M%S") + "-" + secrets.token_hex(2)
+    def _new_build_folder(self) -> tuple[str, Path]:
+        """Name a new version and create its hidden build folder beside the serving versions."""
+        # UTC time to the microsecond, so version names sort in build order
+        version = dt.datetime.now(dt.timezone.utc).strftime("v%Y%m%dT%H%M%S%f") + "-" + secrets.token_hex(2)
         self.versions_dir.mkdir(parents=True, exist_ok=True)
         building = self.versions_dir / f".building-{version}"
         building.mkdir()
+        return version, building
+
+    def _write_version(self, version: str, building: Path, chunks: list[Chunk], vectors: np.ndarray,
+                       doc_meta: dict[str, Any], embedder_info: EmbedderInfo, chunker: Chunker | None,
+                       settings: dict[str, Any], index_type_setting: str, summary: BuildSummary,
+                       chunking: dict[str, Any] | None = None) -> str:
+        import faiss
 
         # one order for every artifact: the ids array; the FAISS id map and BM25 rows follow it
         ids = np.array([c.int_id for c in chunks], dtype=np.int64)
@@ -407,7 +424,7 @@ class IndexStore:
         if chunks:
             save_bm25(building / "bm25", bm25_tokenize([c.embedding_text for c in chunks]))
 
-        previous_version = self.current_version()
+        previous_version = self._healthy_version()
         manifest = {
             "format": MANIFEST_FORMAT,
             "version": version,
@@ -438,6 +455,22 @@ class IndexStore:
         atomic_write_text(self.root / "CURRENT", version + "\n")
         self._prune(keep={version, previous_version})
         return version
+
+    def _healthy_version(self) -> str | None:
+        """The version `open` serves now: CURRENT when it verifies, else its fallback, else None.
+
+        A new version records it as its previous version, so rollback and pruning never keep a
+        corrupt version in place of the good one.
+        """
+        current = self.current_version()
+        candidate = current
+        while candidate is not None:
+            try:
+                self.verify(candidate)
+                return candidate
+            except IndexStoreError:
+                candidate = self._previous_of(candidate)
+        return None
 
     def _remove_stale_builds(self) -> None:
         # Called under the build lock, so any hidden build folder left is from a crashed build.

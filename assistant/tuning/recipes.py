@@ -145,6 +145,7 @@ def train(config: TrainConfig, settings: Settings, progress: bool = False) -> Tr
         "train_loss": round(float(outcome.training_loss), 6),
         "first_logged_loss": losses[0] if losses else None,
         "last_logged_loss": losses[-1] if losses else None,
+        "loss_history": [[entry["step"], entry["loss"]] for entry in trainer.state.log_history if "loss" in entry],
         "steps": int(trainer.state.global_step),
         "epochs": round(float(trainer.state.epoch or 0), 4),
         "train_seconds": round(train_seconds, 2),

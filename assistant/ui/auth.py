@@ -37,7 +37,8 @@ KEY_BYTES = 32
 SALT_BYTES = 16
 
 
-def hash_password(password: str, salt: bytes, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P) -> bytes:
+def hash_password(password: str, salt: bytes, n: int = SCRYPT_N, r: int = SCRYPT_R,
+                  p: int = SCRYPT_P) -> bytes:
     return hashlib.scrypt(password.encode("utf-8"), salt=salt, n=n, r=r, p=p, maxmem=128 * r * n * 2,
                           dklen=KEY_BYTES)
 

@@ -1,0 +1,118 @@
+"""Quality measures of a causal LM on held-out chat examples and on plain text.
+
+Held-out loss uses the training recipe's own tokenization and loss (answer tokens only), so the
+numbers match what `bedside train` records. The task metric depends on the data: when every
+held-out answer starts with yes, no or maybe (PubMedQA-style data), it is decision accuracy by
+constrained scoring; otherwise it is ROUGE-L F1 of a greedy answer against the reference.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from assistant.errors import BedsideError
+from assistant.evaluation.datasets import DECISIONS
+from assistant.evaluation.metrics import accuracy, macro_f1
+from assistant.evaluation.qa import OptionScorer
+
+logger = logging.getLogger(__name__)
+
+DECISION_START = re.compile(r"^\s*(yes|no|maybe)\b", re.IGNORECASE)
+
+
+def load_chat_examples(path: Path, limit: int = 0) -> list[Any]:
+    """Validated examples of a training-format JSONL file (chat or instruction), the first `limit` if set."""
+    from assistant.tuning.data import load_examples
+
+    examples = load_examples(Path(path)).examples
+    return examples[:limit] if limit else examples
+
+
+def detect_task(examples: list[Any]) -> str:
+    """"decision" when every reference answer starts with yes/no/maybe, else "free_text"."""
+    answers = [e.messages[-1]["content"] for e in examples]
+    return "decision" if answers and all(DECISION_START.match(a) for a in answers) else "free_text"
+
+
+def heldout_quality(model: Any, tokenizer: Any, examples: list[Any], max_seq_length: int) -> dict[str, Any]:
+    """Token-weighted answer loss and perplexity, scored as the training recipe scores its held-out split."""
+    from assistant.tuning.data import tokenize_examples
+    from assistant.tuning.heldout import heldout_loss
+
+    rows = tokenize_examples(tokenizer, examples, max_seq_length, purpose="evaluation")
+    scored = heldout_loss(model, tokenizer, rows, batch_size=4)
+    if scored is None:
+        raise BedsideError("no held-out example has an answer token within max_seq_length; raise --max-seq-length")
+    return {"loss": scored["loss"], "perplexity": scored["perplexity"], "tokens": scored["tokens"],
+            "examples": len(rows)}
+
+
+def decision_quality(model: Any, tokenizer: Any, examples: list[Any]) -> dict[str, Any]:
+    """Accuracy and macro-F1 of the yes/no/maybe decision, scored on the prompt turns of each example."""
+    labels = [DECISION_START.match(e.messages[-1]["content"]).group(1).lower() for e in examples]
+    predictions, _ = OptionScorer(model, tokenizer).predict([e.messages[:-1] for e in examples])
+    return {"metric": "accuracy", "value": accuracy(predictions, labels),
+            "macro_f1": macro_f1(predictions, labels, DECISIONS),
+            "predicted": {d: predictions.count(d) for d in DECISIONS}}
+
+
+def free_text_quality(model: Any, tokenizer: Any, examples: list[Any], max_new_tokens: int,
+                      batch_size: int = 4) -> dict[str, Any]:
+    """Mean ROUGE-L F1 (rouge-score, stemmed) of greedy answers against the reference answers."""
+    from rouge_score import rouge_scorer
+
+    from assistant.answer.generation import GenerationSettings, LocalGenerator
+
+    generator = LocalGenerator(model, tokenizer, "evaluated model", "")
+    settings = GenerationSettings(max_new_tokens=max_new_tokens)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    scores = []
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start:start + batch_size]
+        outputs = generator.generate_batch([e.messages[:-1] for e in batch], settings=settings)
+        for example, output in zip(batch, outputs, strict=True):
+            scores.append(scorer.score(example.messages[-1]["content"], output)["rougeL"].fmeasure)
+    return {"metric": "rougeL_f1", "value": sum(scores) / len(scores), "max_new_tokens": max_new_tokens}
+
+
+def task_quality(model: Any, tokenizer: Any, examples: list[Any], task: str, max_new_tokens: int) -> dict[str, Any]:
+    start = time.perf_counter()
+    if task == "decision":
+        result = decision_quality(model, tokenizer, examples)
+    else:
+        result = free_text_quality(model, tokenizer, examples, max_new_tokens)
+    result["examples"] = len(examples)
+    result["seconds"] = round(time.perf_counter() - start, 2)
+    return result
+
+
+def load_text_lines(path: Path) -> list[str]:
+    """Non-empty lines of a text file, skipping lines that start with '#'."""
+    path = Path(path)
+    if not path.is_file():
+        raise BedsideError(f"general-text file {str(path)!r} not found; pass an existing UTF-8 text file")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    lines = [line for line in lines if line and not line.startswith("#")]
+    if not lines:
+        raise BedsideError(f"general-text file {str(path)!r} holds no text lines")
+    return lines
+
+
+def text_perplexity(model: Any, tokenizer: Any, lines: list[str]) -> dict[str, Any]:
+    """Perplexity of plain text (no chat template): every token after each line's first is scored."""
+    from assistant.tuning.heldout import heldout_loss
+
+    rows = []
+    for line in lines:
+        ids = tokenizer.encode(line, add_special_tokens=False)
+        if len(ids) >= 2:
+            rows.append({"input_ids": ids, "labels": ids})
+    scored = heldout_loss(model, tokenizer, rows, batch_size=8)
+    if scored is None:
+        raise BedsideError("the general-text lines are too short to score; use lines of several words")
+    return {"loss": scored["loss"], "perplexity": scored["perplexity"], "tokens": scored["tokens"],
+            "lines": len(rows)}
