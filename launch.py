@@ -1,6 +1,6 @@
 """Start the clinician web UI: `python launch.py [--host HOST] [--port PORT] [--config FILE]`.
 
-The server listens on 127.0.0.1 unless --host says otherwise, and every page needs a login from the
+The server listens on 127.0.0.1 unless --host names another address, and every page needs a login from the
 users file. When that file is missing, the first start on a loopback address creates one local
 account and prints its random password once; any other address requires accounts made beforehand
 with `bedside users add NAME`.
@@ -26,6 +26,7 @@ from assistant.commands import settings_from_args  # noqa: E402
 from assistant.errors import BedsideError  # noqa: E402
 
 if TYPE_CHECKING:
+    from assistant.config import Settings
     from assistant.ui.auth import UserStore
 
 DEFAULT_HOST = "127.0.0.1"
@@ -49,6 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, metavar="N",
                         help="generation budget per answer, in tokens (default: the max_new_tokens setting)")
     return parser
+
+
+def resolve_settings(args: argparse.Namespace) -> Settings:
+    """Resolve settings from the config file, BEDSIDE_* variables and this script's flags."""
+    if not 0 < args.port < 65536:
+        raise BedsideError(f"port {args.port} is invalid; use a number from 1 to 65535")
+    return settings_from_args(
+        args, users_file=args.users_file, audit_db=args.audit_db, max_new_tokens=args.max_new_tokens,
+        store_text=False if args.no_store_text else None,
+    )
 
 
 def is_loopback(host: str) -> bool:
@@ -83,12 +94,7 @@ def launch(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args)
     try:
-        if not 0 < args.port < 65536:
-            raise BedsideError(f"port {args.port} is invalid; use a number from 1 to 65535")
-        settings = settings_from_args(
-            args, users_file=args.users_file, audit_db=args.audit_db, max_new_tokens=args.max_new_tokens,
-            store_text=False if args.no_store_text else None,
-        )
+        settings = resolve_settings(args)
         from assistant.ui.auth import UserStore
 
         users = UserStore(settings.users_file)

@@ -155,6 +155,11 @@ def _validate(settings: Settings) -> None:
         raise BedsideError(f"backend {settings.backend!r} is invalid; use local or vllm")
     if settings.top_k < 1:
         raise BedsideError(f"top_k {settings.top_k} is invalid; use a whole number of at least 1")
+    if settings.max_new_tokens < 1:
+        raise BedsideError(f"max_new_tokens {settings.max_new_tokens} is invalid; use a whole number of at least 1")
+    # the gate compares a cosine similarity, which lies between -1 and 1
+    if not -1.0 <= settings.min_relevance <= 1.0:
+        raise BedsideError(f"min_relevance {settings.min_relevance} is invalid; use a similarity between -1 and 1")
     if settings.chunk_tokens < 16:
         raise BedsideError(f"chunk_tokens {settings.chunk_tokens} is too small; use at least 16")
     if not 0 <= settings.chunk_overlap < settings.chunk_tokens:

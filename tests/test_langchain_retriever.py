@@ -21,8 +21,10 @@ def demo_retriever(demo_index_dir, embedder, embedder_info):
     index.close()
 
 
-# The standard suite runs its async test under pytest-asyncio, which needs the mark in strict mode.
+# pytest-asyncio's strict mode runs the suite's one async test only under the asyncio mark. The mark
+# on the class also reaches the sync tests, which only costs a warning.
 @pytest.mark.asyncio
+@pytest.mark.filterwarnings("ignore:The test <Function .*> is marked with '@pytest.mark.asyncio'")
 class TestBedsideRetrieverStandard(RetrieversIntegrationTests):
     """`RetrieversIntegrationTests` over the demo index (its k tests ask for 1 and 3 hits)."""
 

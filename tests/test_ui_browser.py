@@ -24,8 +24,8 @@ pytestmark = pytest.mark.browser
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path(os.environ.get("BEDSIDE_CHROMIUM", "/usr/bin/chromium"))
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 SCREENSHOT = REPO / "docs" / "screenshot-answer.png"
 DKA_QUESTION = ("What fixed-rate intravenous insulin infusion rate is used for diabetic ketoacidosis "
                 "in adults?")
@@ -78,8 +78,8 @@ def server(browser, demo_index_dir, tmp_path_factory):
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, str(REPO / "launch.py"), "--port", str(port), "--index", str(demo_index_dir),
-               "--users-file", str(users_file), "--audit-db", str(folder / "audit.db"), "--max-new-tokens", "24",
-               "--dtype", "float32", "--device", "cpu"]
+               "--users-file", str(users_file), "--audit-db", str(folder / "audit.db"),
+               "--max-new-tokens", "24", "--dtype", "float32", "--device", "cpu"]
     process = subprocess.Popen(command, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
     output: list[str] = []
@@ -99,12 +99,14 @@ def server(browser, demo_index_dir, tmp_path_factory):
 
         # a second account, added while the server runs
         bob_password = "bob's own password"
-        added = subprocess.run([sys.executable, "-m", "assistant.cli", "users", "add", "bob", "--password-stdin",
-                                "--users-file", str(users_file)], input=bob_password + "\n", cwd=folder, env=env,
-                               capture_output=True, text=True, timeout=120)
+        add_bob = [sys.executable, "-m", "assistant.cli", "users", "add", "bob", "--password-stdin",
+                   "--users-file", str(users_file)]
+        added = subprocess.run(add_bob, input=bob_password + "\n", cwd=folder, env=env, capture_output=True,
+                               text=True, timeout=120)
         assert added.returncode == 0, added.stderr
-        yield Server(url=f"http://127.0.0.1:{port}/", passwords={"admin": admin_password, "bob": bob_password},
-                     audit_db=folder / "audit.db", output=output)
+        passwords = {"admin": admin_password, "bob": bob_password}
+        yield Server(url=f"http://127.0.0.1:{port}/", passwords=passwords, audit_db=folder / "audit.db",
+                     output=output)
     finally:
         process.terminate()
         try:
@@ -241,9 +243,18 @@ def test_out_of_corpus_question_abstains(admin_page, server):
     admin_page.locator("#bedside-feedback-unsafe").click()
     expect(admin_page.locator("#bedside-feedback-status")).to_contain_text("Recorded", timeout=30_000)
     with sqlite3.connect(server.audit_db) as db:
-        rows = db.execute("SELECT user, abstained, feedback, feedback_comment FROM answers ORDER BY id").fetchall()
+        rows = db.execute("SELECT user, abstained, feedback, feedback_comment FROM answers "
+                          "ORDER BY id").fetchall()
     assert rows[0][:2] == ("admin", 0)
     assert rows[-1] == ("admin", 1, "unsafe", "should have said it is out of scope sooner")
+
+
+def test_clear_button_empties_chat_and_sources(admin_page):
+    from playwright.sync_api import expect
+
+    admin_page.locator("#bedside-chat button[aria-label='Clear']").click()
+    expect(admin_page.locator("#bedside-chat [data-testid=user]")).to_have_count(0)
+    expect(admin_page.locator("#bedside-sources")).to_contain_text("Sources of the answer appear here")
 
 
 def test_page_requests_only_loopback(admin_page, server):

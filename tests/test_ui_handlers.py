@@ -360,6 +360,25 @@ def test_launch_refuses_public_host_without_users(tmp_path):
     assert not users.exists()
 
 
+def test_launch_flags_reach_settings(tmp_path):
+    launch = load_launch_module()
+    args = launch.build_parser().parse_args(["--no-store-text", "--users-file", str(tmp_path / "u.json"),
+                                             "--audit-db", str(tmp_path / "a.db"), "--max-new-tokens", "32"])
+    settings = launch.resolve_settings(args)
+    assert settings.store_text is False
+    assert settings.users_file == tmp_path / "u.json"
+    assert settings.audit_db == tmp_path / "a.db"
+    assert settings.max_new_tokens == 32
+    assert args.host == "127.0.0.1"
+    assert launch.resolve_settings(launch.build_parser().parse_args([])).store_text is True
+
+
+def test_launch_rejects_bad_port():
+    launch = load_launch_module()
+    with pytest.raises(BedsideError, match="port 70000 is invalid"):
+        launch.resolve_settings(launch.build_parser().parse_args(["--port", "70000"]))
+
+
 def test_first_account_created_on_loopback(tmp_path):
     store = UserStore(tmp_path / "users.json")
     created = load_launch_module().prepare_accounts(store, "127.0.0.1")

@@ -127,13 +127,14 @@ class LocalGenerator:
                 self.model.base_model.disable_adapter_layers()
 
     @contextlib.contextmanager
-    def _adapters_enabled(self) -> Iterator[None]:
-        """Turn the adapter layers on for one call; the caller holds the lock."""
-        self._set_adapter_layers(True)
-        try:
-            yield
-        finally:
-            self._set_adapter_layers(False)
+    def adapters_active(self) -> Iterator[None]:
+        """Hold the model with its adapter layers on, so forward calls may pass `adapter_names`."""
+        with self.lock:
+            self._set_adapter_layers(True)
+            try:
+                yield
+            finally:
+                self._set_adapter_layers(False)
 
     def _adapter_kwargs(self, adapters: list[str | None]) -> dict[str, Any]:
         unknown = sorted({a for a in adapters if a and a not in self.adapters})
@@ -178,7 +179,7 @@ class LocalGenerator:
         if len(adapters) != len(messages_list):
             raise ValueError("adapters must list one entry (or None) per conversation")
         inputs = self.encode(messages_list)
-        with self.lock, self._adapters_enabled(), torch.inference_mode():
+        with self.adapters_active(), torch.inference_mode():
             output = self.model.generate(**inputs, **settings.generate_kwargs(self.tokenizer),
                                          **self._adapter_kwargs(adapters))
         width = inputs["input_ids"].shape[1]
@@ -209,7 +210,7 @@ class LocalGenerator:
                 failure.append(err)
                 streamer.end()
 
-        with self.lock, self._adapters_enabled():
+        with self.adapters_active():
             worker = threading.Thread(target=run, name="bedside-generate", daemon=True)
             worker.start()
             try:

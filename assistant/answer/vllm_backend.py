@@ -28,10 +28,19 @@ logger = logging.getLogger(__name__)
 EXPORT_MANIFEST = "bedside_export.json"
 SOURCE_FILE = "bedside_source.json"
 RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 class VLLMError(BedsideError):
-    """A vLLM server that cannot be reached, fails, or does not serve the requested model."""
+    """A vLLM server that cannot be reached, fails, or does not serve the requested model.
+
+    `status` is the HTTP status when the server replied, and `detail` its error message.
+    """
+
+    def __init__(self, message: str, status: int | None = None, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -71,8 +80,6 @@ class VLLMClient:
         if not url.startswith(("http://", "https://")):
             raise VLLMError(f"vllm_url {url!r} is invalid; use a base URL such as http://127.0.0.1:8000/v1")
         self.url = url.rstrip("/")
-        # the runtime LoRA endpoints and /health sit at the server root, beside /v1
-        self.root_url = self.url.removesuffix("/v1")
         self.attempts = max(1, attempts)
         self.backoff_s = backoff_s
         self.timeout = httpx.Timeout(read_timeout_s, connect=connect_timeout_s)
@@ -88,11 +95,11 @@ class VLLMClient:
             "server, or use --backend local"
         )
 
-    def request(self, method: str, path: str, *, root: bool = False, **kwargs: Any) -> Any:
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
         """Send one request and return the decoded JSON body (None when empty), retrying transient failures."""
         import httpx
 
-        url = (self.root_url if root else self.url) + path
+        url = self.url + path
         last: BaseException | str = "no attempt made"
         for attempt in range(1, self.attempts + 1):
             try:
@@ -103,8 +110,9 @@ class VLLMClient:
                 if response.status_code < 400:
                     return response.json() if response.content and _is_json(response) else None
                 if response.status_code not in RETRYABLE_STATUS:
-                    raise VLLMError(f"vLLM server at {self.url} rejected {method} {path} with HTTP "
-                                    f"{response.status_code}: {_error_text(response)}")
+                    detail = _error_text(response)
+                    raise VLLMError(f"vLLM server at {self.url} rejected {method} {path} "
+                                    f"with HTTP {response.status_code}: {detail}", response.status_code, detail)
                 last = f"HTTP {response.status_code}: {_error_text(response)}"
             logger.warning("vLLM %s %s failed (attempt %d of %d): %s", method, path, attempt, self.attempts, last)
             if attempt < self.attempts:
@@ -128,8 +136,9 @@ class VLLMClient:
                     if response.status_code >= 400:
                         response.read()
                         if response.status_code not in RETRYABLE_STATUS:
+                            detail = _error_text(response)
                             raise VLLMError(f"vLLM server at {self.url} rejected POST {path} with HTTP "
-                                            f"{response.status_code}: {_error_text(response)}")
+                                            f"{response.status_code}: {detail}", response.status_code, detail)
                         last = f"HTTP {response.status_code}: {_error_text(response)}"
                     else:
                         for line in response.iter_lines():
@@ -161,16 +170,18 @@ class VLLMClient:
 
     def load_lora(self, name: str, path: str) -> None:
         """Load an adapter into the running server (needs VLLM_ALLOW_RUNTIME_LORA_UPDATING=True there)."""
-        self._runtime_lora("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
+        self._runtime_lora("/load_lora_adapter", {"lora_name": name, "lora_path": path})
 
     def unload_lora(self, name: str) -> None:
-        self._runtime_lora("/v1/unload_lora_adapter", {"lora_name": name})
+        self._runtime_lora("/unload_lora_adapter", {"lora_name": name})
 
     def _runtime_lora(self, path: str, payload: dict[str, str]) -> None:
+        # vLLM serves these under /v1 (vllm/entrypoints/serve/lora/api_router.py, vLLM 0.32)
         try:
-            self.request("POST", path.removeprefix("/v1"), json=payload)
+            self.request("POST", path, json=payload)
         except VLLMError as err:
-            if "HTTP 404" in str(err) and "Not Found" in str(err):
+            # FastAPI's own reply for a route that does not exist, as opposed to vLLM's "adapter not found"
+            if err.status == 404 and err.detail == "Not Found":
                 raise VLLMError(
                     f"the vLLM server at {self.url} does not offer {path}; restart it with the environment "
                     "variable VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (the command from `bedside export vllm` "
@@ -190,6 +201,8 @@ def _error_text(response: Any) -> str:
     except (ValueError, UnicodeDecodeError):
         return response.text[:300]
     if isinstance(body, dict):
+        if "detail" in body and "error" not in body:
+            return str(body["detail"])[:300]
         error = body.get("error", body)
         if isinstance(error, dict):
             return str(error.get("message") or error)[:300]
@@ -404,11 +417,13 @@ def sync_adapters(url: str, registry: Any, audit: Any = None, user: str = "syste
                   keep: set[str] | None = None) -> SyncReport:
     """Make a running vLLM serve exactly the registry's active adapters, without restarting it.
 
-    `registry` is either a mapping of adapter name to folder or an object whose `active()` returns
-    records with `name` and `path` (and optionally `sha256`). Adapters the server has under a name
-    the registry no longer lists are unloaded, unless named in `keep`; an adapter whose folder
-    changed is unloaded and loaded again. Each change is written to `audit` (an `AuditLog`) with
-    kind "adapter_change". The server must run with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True.
+    `registry` is an `AdapterRegistry`, an adapters folder holding `registry.json`, or a mapping of
+    adapter name to folder. Adapters the server has under a name the registry no longer lists as
+    active are unloaded, unless named in `keep`. An adapter whose served weights differ from the
+    registry's is unloaded and loaded again: vLLM keys its adapter cache by a numeric id that only a
+    fresh load renews, so an in-place reload could keep serving the old weights. Each change is
+    written to `audit` (an `AuditLog`) with kind "adapter_change". The server must run with
+    VLLM_ALLOW_RUNTIME_LORA_UPDATING=True.
     """
     client = VLLMClient(url)
     try:
@@ -421,7 +436,7 @@ def sync_adapters(url: str, registry: Any, audit: Any = None, user: str = "syste
 
         for name, (path, sha256) in desired.items():
             resolved = str(Path(path).resolve())
-            if name in current and _same_path(current[name], resolved):
+            if name in current and _same_adapter(current[name], resolved, sha256):
                 continue
             action = "reload" if name in current else "load"
             if name in current:
@@ -444,24 +459,29 @@ def sync_adapters(url: str, registry: Any, audit: Any = None, user: str = "syste
     return report
 
 
-def _same_path(served_root: str, path: str) -> bool:
-    try:
-        return Path(served_root).resolve() == Path(path)
-    except OSError:
-        return served_root == path
+def _same_adapter(served_root: str, folder: str, sha256: str | None) -> bool:
+    """True when the served folder holds the registry's weights (by hash where visible here, else by path)."""
+    served_weights = Path(served_root) / ADAPTER_WEIGHTS
+    if served_weights.is_file():
+        from assistant.tuning.registry import sha256_file
+
+        expected = sha256 or sha256_file(Path(folder) / ADAPTER_WEIGHTS)
+        return sha256_file(served_weights) == expected
+    return served_root.rstrip("/") == folder.rstrip("/")
 
 
 def _active_adapters(registry: Any) -> dict[str, tuple[str, str | None]]:
-    """Normalise the registry argument to {name: (folder, sha256 or None)}."""
+    """Normalise the registry argument to {name: (folder, weights sha256 or None)}."""
     if isinstance(registry, Mapping):
         return {str(name): (str(path), None) for name, path in registry.items()}
-    if not hasattr(registry, "active"):
-        raise TypeError("registry must be a mapping of name to folder or have an active() method")
-    out: dict[str, tuple[str, str | None]] = {}
-    for record in registry.active():
-        get = record.get if isinstance(record, Mapping) else lambda key, r=record: getattr(r, key, None)
-        out[str(get("name"))] = (str(get("path")), get("sha256"))
-    return out
+    if isinstance(registry, (str, Path)):
+        from assistant.tuning.registry import AdapterRegistry
+
+        registry = AdapterRegistry(Path(registry))
+    if not hasattr(registry, "active_entries"):
+        raise TypeError("registry must be an AdapterRegistry, an adapters folder, or a mapping of name to folder")
+    return {entry["name"]: (str(registry.folder(entry)), entry.get("files", {}).get(ADAPTER_WEIGHTS))
+            for entry in registry.active_entries()}
 
 
 def _audit_change(audit: Any, user: str, url: str, base_id: str | None, action: str, name: str, path: str,

@@ -64,6 +64,10 @@ def build_draft(stay: Stay, narrative: Narrative, fitted: list[FittedNote], reco
 
 # Markdown
 
+def _days(count: int) -> str:
+    return f"{count} day" if count == 1 else f"{count} days"
+
+
 def _source_ids(fact: Fact) -> str:
     shown = ", ".join(f"`{s}`" for s in fact.sources[:3])
     return shown + (f" and {len(fact.sources) - 3} more" if len(fact.sources) > 3 else "")
@@ -98,7 +102,7 @@ def render_markdown(draft: dict[str, Any], stay: Stay) -> str:
         + (f", {encounter['service_provider']}" if encounter.get("service_provider") else "") + ")",
         f"- Admitted: {stay.admitted}",
         f"- Discharged: {stay.discharged}",
-        f"- Length of stay: {stay.length_of_stay_days} days ({stay.duration_hours} hours)",
+        f"- Length of stay: {_days(stay.length_of_stay_days)} ({stay.duration_hours} hours)",
     ]
     if encounter.get("discharge_disposition"):
         lines.append(f"- Discharge disposition: {encounter['discharge_disposition']}")

@@ -157,7 +157,7 @@ def facts_block(stay: Stay) -> str:
     recorded = [f for f in stay.diagnoses if (f.detail or "").startswith("recorded")]
     other = [f for f in stay.diagnoses if f not in recorded]
     lines = [f"- Admitted {stay.admitted[:10]}, discharged {stay.discharged[:10]} "
-             f"({stay.length_of_stay_days} days), {stay.kind} stay"]
+             f"(length of stay {stay.length_of_stay_days} days), {stay.kind} stay"]
     lines += _fact_lines("Reason for admission", stay.reasons)
     lines += _fact_lines("Diagnoses recorded in this stay", recorded)
     lines += _fact_lines("Other conditions during the stay", other)
@@ -233,9 +233,8 @@ def score_sentences(text: str, units: list[EvidenceUnit], embed: Any, min_suppor
         narrative.flags.append({"type": "empty_narrative",
                                 "detail": "the model wrote no hospital course; write it from the notes"})
         return narrative
-    sentence_vectors = embed(sentences)
-    unit_vectors = embed([u.text for u in units])
-    similarity = sentence_vectors @ unit_vectors.T
+    vectors = embed([*sentences, *(u.text for u in units)])
+    similarity = vectors[:len(sentences)] @ vectors[len(sentences):].T
     for row, sentence in enumerate(sentences):
         best = int(np.argmax(similarity[row]))
         support = round(float(similarity[row, best]), 4)

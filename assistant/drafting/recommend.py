@@ -86,9 +86,10 @@ def _pick(queries: list[tuple[str, Fact]], hits_per_query: list[list[Hit]], min_
         return result
 
     chosen = sorted(best.values(), key=lambda item: (-item[0].dense_score, item[0].chunk_id))[:MAX_RECOMMENDATIONS]
-    for marker, (hit, query, fact) in enumerate(chosen, 1):
+    quotes = _closest_sentences([(hit.text, query) for hit, query, _ in chosen], embed)
+    for marker, ((hit, query, fact), quote) in enumerate(zip(chosen, quotes, strict=True), 1):
         result.items.append({"marker": marker, "for": query, "diagnosis_sources": list(fact.sources),
-                             "text": _closest_sentence(hit.text, query, embed), "score": round(hit.dense_score, 4)})
+                             "text": quote, "score": round(hit.dense_score, 4)})
         result.citations.append({
             "marker": marker, "chunk_id": hit.chunk_id, "doc_id": hit.doc_id, "title": hit.title,
             "source": hit.source, "section": hit.section, "page": hit.page, "date": hit.date, "issuer": hit.issuer,
@@ -97,10 +98,27 @@ def _pick(queries: list[tuple[str, Fact]], hits_per_query: list[list[Hit]], min_
     return result
 
 
-def _closest_sentence(text: str, query: str, embed: Any) -> str:
-    sentences = [s for s in split_sentences(text) if len(s.split()) >= 4 and not s.lstrip().startswith("#")]
-    if not sentences:
-        return " ".join(text.split())[:400]
-    vectors = embed([query, *sentences])
-    scores = vectors[1:] @ vectors[0]
-    return sentences[int(np.argmax(scores))]
+def _quotable(text: str) -> list[str]:
+    """Sentences of a chunk worth quoting: no headings, table rows or fragments."""
+    sentences = []
+    for line in text.splitlines():
+        if line.lstrip().startswith(("#", "|")):
+            continue
+        sentences += [s for s in split_sentences(line) if len(s.split()) >= 4]
+    return sentences
+
+
+def _closest_sentences(pairs: list[tuple[str, str]], embed: Any) -> list[str]:
+    """For each (chunk text, query), the chunk sentence closest to the query, all embedded in one call."""
+    candidates = [_quotable(text) for text, _ in pairs]
+    texts = [query for _, query in pairs] + [s for sentences in candidates for s in sentences]
+    vectors = embed(texts) if texts else np.zeros((0, 0), dtype=np.float32)
+    quotes, offset = [], len(pairs)
+    for row, ((text, _), sentences) in enumerate(zip(pairs, candidates, strict=True)):
+        if not sentences:
+            quotes.append(" ".join(text.split())[:400])
+            continue
+        scores = vectors[offset:offset + len(sentences)] @ vectors[row]
+        quotes.append(sentences[int(np.argmax(scores))])
+        offset += len(sentences)
+    return quotes

@@ -240,29 +240,36 @@ def _routing_text(stay: Stay) -> str:
 # running
 
 class _Embeddings:
-    """Unit-length embeddings cached by text, each computed alone so no vector depends on its batch."""
+    """Unit-length embeddings of one list of texts in one call.
+
+    Padding inside a batch changes the last bits of an embedding, so callers pass only texts of a
+    single stay: its vectors then never depend on which other stays share the generation batch.
+    """
 
     def __init__(self, embedder: Any) -> None:
         self.embedder = embedder
-        self.cache: dict[str, np.ndarray] = {}
 
     def __call__(self, texts: list[str]) -> np.ndarray:
-        for text in texts:
-            if text not in self.cache:
-                self.cache[text] = self.embedder.encode(
-                    [text], normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)[0]
-        return np.stack([self.cache[t] for t in texts]).astype(np.float32)
+        return self.embedder.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
+                                    show_progress_bar=False).astype(np.float32)
 
 
 def run_drafts(input_path: Path, out_dir: Path, options: DraftOptions, settings: Settings,
                resources: DraftingResources | Callable[[], DraftingResources]) -> RunSummary:
     """Draft every selected stay of `input_path` into `out_dir`; `resources` may be a loader called only if needed."""
     options.validate()
+    if options.specialty not in {None, "auto"} and not (Path(settings.adapters_dir) / "registry.json").is_file():
+        raise BedsideError(f"--specialty {options.specialty} needs an adapter registry "
+                           f"({Path(settings.adapters_dir) / 'registry.json'}) and none was found; train and promote "
+                           "an adapter, or omit --specialty")
     started = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(out_dir / ".bedside-draft.lock"):
         summary = RunSummary(out_dir=str(out_dir))
+        # temp files of atomic writes interrupted by a kill; the lock means no other run owns them
+        for stale in out_dir.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
 
         # read and select
         result = read_stays(input_path, options)

@@ -61,6 +61,8 @@ class TrainResult:
     metrics: dict[str, Any]
     problems: list[tuple[int, str]] = field(default_factory=list)
     entry: dict[str, Any] | None = None
+    # the trained model in memory (adapter-wrapped for lora and qlora), for callers that use it at once
+    model: Any = field(default=None, repr=False)
 
 
 def train(config: TrainConfig, settings: Settings, progress: bool = False) -> TrainResult:
@@ -200,7 +202,7 @@ def train(config: TrainConfig, settings: Settings, progress: bool = False) -> Tr
     logger.info("saved %s to %s", name, output)
 
     # register adapters as candidates; a full model is a new base, selected with --base or --model
-    result = TrainResult(name, config.method, config.specialty, output, metrics, report.problems)
+    result = TrainResult(name, config.method, config.specialty, output, metrics, report.problems, model=model)
     if config.register and config.method != "full":
         result.entry = registry.register(registry_entry(record, output, registry, settings, train_examples))
     return result

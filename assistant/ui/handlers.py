@@ -2,8 +2,9 @@
 
 A session is a plain dict created per browser tab by `new_session` (Gradio calls it through
 `gr.State`), so nothing made at import time is shared between clinicians. Every piece of text
-from the model or the corpus is HTML-escaped before it reaches the page; markers become links to
-`#source-<turn>-<n>`, which the page script resolves to exactly that source in the sources panel.
+from the model or the corpus is HTML-escaped before it reaches the page. Markers become links to
+`#source-<turn>-<n>`, and the page script resolves each link to exactly that source in the sources
+panel.
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ def new_session() -> dict[str, Any]:
 def claim_session(session: dict[str, Any] | None, user: str) -> dict[str, Any]:
     """Return `session` owned by `user`, or a fresh one when it is missing or belongs to someone else.
 
-    Gradio keys state by a session id the browser sends; binding the state to the login name keeps a
-    request carrying another clinician's session id from reading or extending that clinician's turns.
+    Gradio looks state up by a session id that the browser sends. Binding the state to the login name
+    stops a request that carries another clinician's session id from reading or extending their turns.
     """
     if session is None or not isinstance(session.get("turns"), list):
         session = new_session()
@@ -64,7 +65,7 @@ def claim_session(session: dict[str, Any] | None, user: str) -> dict[str, Any]:
 
 
 def clear_session(session: dict[str, Any] | None, user: str) -> dict[str, Any]:
-    """Return an empty session for `user`: the chat's clear button also forgets the prompt history."""
+    """Return an empty session for `user`, because the chat's clear button also clears the prompt history."""
     fresh = new_session()
     fresh["user"] = user
     return fresh
@@ -127,11 +128,11 @@ def respond(assistant: Any, question: str, specialty: str | None, session: dict[
 
     number = len(session["turns"]) + 1
     earlier = chat_messages(session)
-    asked = {"role": "user", "content": escape(question)}
+    question_message = {"role": "user", "content": escape(question)}
     history = prompt_history(session)
     chosen = None if specialty in (None, "", AUTO_SPECIALTY) else specialty
-    yield earlier + [asked, {"role": "assistant", "content": render_streaming("")}], session, \
-        render_sources(session)
+    bubble = {"role": "assistant", "content": render_streaming("")}
+    yield earlier + [question_message, bubble], session, render_sources(session)
 
     # stream, then swap in the verified answer
     streamed = ""
@@ -141,7 +142,7 @@ def respond(assistant: Any, question: str, specialty: str | None, session: dict[
             if event.kind == "token":
                 streamed += event.text
                 bubble = {"role": "assistant", "content": render_streaming(streamed)}
-                yield earlier + [asked, bubble], session, render_sources(session)
+                yield earlier + [question_message, bubble], session, render_sources(session)
             elif event.kind == "answer":
                 answer = event.answer
         if answer is None:

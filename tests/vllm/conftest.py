@@ -22,7 +22,6 @@ import pytest
 from tests.conftest import REPO, run_cli
 
 VLLM_PYTHON = Path(os.environ.get("BEDSIDE_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
-TRAINING = REPO / "corpora" / "training"
 # Server start on 2 shared CPU cores took 60-150 s (model load, CPU kernel warm-up); the bound leaves room.
 SERVER_START_TIMEOUT_S = 420
 
@@ -49,36 +48,32 @@ def pytest_collection_modifyitems(config, items):
 # adapters
 
 
-def train_tiny_adapter(folder: Path, specialty_file: Path, seed: int, steps: int = 4) -> None:
-    """Train a rank-8 LoRA adapter for a few steps on a specialty's examples with PEFT directly.
+def make_tiny_adapters(plan: list[tuple[Path, int]], scale: float = 0.02) -> None:
+    """Save one rank-8 LoRA adapter per (folder, seed) whose B matrices are seeded random noise.
 
-    A handful of steps at a high learning rate moves the weights far enough that greedy output
-    differs from the base model's, which is all the serving tests need from an adapter.
+    PEFT starts B at zero, so a fresh adapter would be the identity; noise of this size changes greedy
+    output without wrecking it, which is all the serving tests need from an adapter. Real training
+    would cost minutes of CPU here and is covered by the training tests.
     """
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from assistant import models
 
-    torch.manual_seed(seed)
     base_folder = models.dequantized_gguf_folder(models.resolve_model(""))
-    tokenizer = AutoTokenizer.from_pretrained(base_folder)
     model = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                             lora_dropout=0.0, task_type="CAUSAL_LM"))
-    records = [json.loads(line) for line in specialty_file.read_text(encoding="utf-8").splitlines()[:4]]
-    texts = [f"Question: {r['instruction']}\nAnswer: {r['output']}" for r in records]
-    batch = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=96)
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    model.train()
-    for _ in range(steps):
-        loss = model(**batch, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.save_pretrained(folder, safe_serialization=True)
+    for folder, seed in plan:
+        torch.manual_seed(seed)
+        lora = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                                lora_dropout=0.0, task_type="CAUSAL_LM"))
+        with torch.no_grad():
+            for name, parameter in lora.named_parameters():
+                if "lora_B" in name:
+                    parameter.copy_(torch.randn_like(parameter) * scale)
+        lora.save_pretrained(folder, safe_serialization=True)
+        # unload() strips the LoRA layers without merging, so the next adapter starts from the bare base
+        model = lora.unload()
 
 
 def register_adapter(adapters_dir: Path, name: str, specialty: str, folder: Path, activate: bool) -> dict:
@@ -102,11 +97,9 @@ def register_adapter(adapters_dir: Path, name: str, specialty: str, folder: Path
 def adapters_dir(tmp_path_factory) -> Path:
     """A registry with two active adapters (cardiology, endocrinology) and one candidate for cardiology."""
     root = tmp_path_factory.mktemp("adapters")
-    plan = [("cardio-a", "cardiology", "cardiology.jsonl", True, 1),
-            ("endo-b", "endocrinology", "endocrinology.jsonl", True, 2),
-            ("cardio-c", "cardiology", "infectious_disease.jsonl", False, 3)]
-    for name, specialty, data, active, seed in plan:
-        train_tiny_adapter(root / name, TRAINING / data, seed)
+    plan = [("cardio-a", "cardiology", True), ("endo-b", "endocrinology", True), ("cardio-c", "cardiology", False)]
+    make_tiny_adapters([(root / name, seed) for seed, (name, _, _) in enumerate(plan)])
+    for name, specialty, active in plan:
         register_adapter(root, name, specialty, root / name, active)
     return root
 

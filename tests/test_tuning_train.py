@@ -1,0 +1,175 @@
+"""Training recipes on the real base model: LoRA changes the output, artifacts round-trip exactly,
+runs are deterministic, and a full fine-tune yields a plain transformers folder usable as a base."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+from assistant import models
+from assistant.errors import BedsideError, ModelError
+from assistant.tuning.data import file_sha256
+
+pytest_plugins = ["tuning_support"]
+
+PROBES = [
+    [{"role": "user", "content": "What blood pressure confirms hypertension on home monitoring?"}],
+    [{"role": "user", "content": "Which drug lowers blood pressure in older adults?"}],
+]
+# Merging folds B·A·scaling into each weight, so the sums run in another order; in fp32 the
+# logits (magnitude about 10-30) then differ in the last few bits. Measured max difference on
+# this model: about 2e-5.
+MERGE_TOLERANCE = 1e-4
+
+
+def probe_batch(tokenizer):
+    ids = tokenizer.apply_chat_template(PROBES[0], add_generation_prompt=True, tokenize=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    return torch.tensor([list(ids)])
+
+
+def test_lora_changes_greedy_output(trained_adapters, adapter_generator):
+    from assistant.answer.generation import GenerationSettings
+
+    name = trained_adapters["cardiology"].name
+    settings = GenerationSettings(max_new_tokens=24)
+    base = [adapter_generator.generate(p, None, settings) for p in PROBES]
+    tuned = [adapter_generator.generate(p, name, settings) for p in PROBES]
+    assert base != tuned, f"adapter output equals the base output: {tuned}"
+
+
+def test_training_writes_full_record(trained_adapters, tiny_data, model_spec):
+    from assistant.tuning.registry import AdapterRegistry
+
+    result = trained_adapters["cardiology"]
+    assert sorted(p.name for p in result.output.iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "training.json"]
+    record = json.loads((result.output / "training.json").read_text())
+    assert record["seed"] == 0
+    assert record["config"]["lora_r"] == 8
+    assert record["config"]["max_steps"] == 20
+    assert record["data"]["sha256"] == file_sha256(tiny_data["cardiology"])
+    assert record["data"]["train_examples"] + record["data"]["heldout_examples"] == 10
+    assert {"torch", "transformers", "peft", "python"} <= set(record["libraries"])
+    assert record["base"]["fingerprint"] == models.model_fingerprint(model_spec)
+
+    metrics = record["metrics"]
+    assert metrics["steps"] == 20
+    assert metrics["heldout_loss"] < metrics["base_heldout_loss"]
+    assert metrics["heldout_perplexity"] == pytest.approx(2.718281828 ** metrics["heldout_loss"], rel=1e-3)
+
+    entry = AdapterRegistry(result.output.parent).get(result.name)
+    assert entry["status"] == "candidate"
+    assert entry["files"]["adapter_model.safetensors"] == file_sha256(result.output / "adapter_model.safetensors")
+    assert entry["base"]["fingerprint"] == record["base"]["fingerprint"]
+    assert len(entry["router"]["centroid"]) == 384
+
+
+def test_save_load_reproduces_logits(trained_adapters, base_model):
+    from peft import PeftModel
+
+    model, tokenizer = base_model
+    trained = trained_adapters["cardiology"].model.eval()
+    loaded = PeftModel.from_pretrained(copy.deepcopy(model), str(trained_adapters["cardiology"].output)).eval()
+    batch = probe_batch(tokenizer)
+    with torch.inference_mode():
+        before = trained(input_ids=batch).logits
+        after = loaded(input_ids=batch).logits
+        plain = model(input_ids=batch).logits
+    assert torch.equal(before, after)
+    assert not torch.allclose(after, plain, atol=1e-3)
+
+    # merged into the weights: same function up to float summation order
+    merged = loaded.merge_and_unload()
+    with torch.inference_mode():
+        folded = merged(input_ids=batch).logits
+    difference = (folded - after).abs().max().item()
+    assert difference <= MERGE_TOLERANCE, f"merged and unmerged logits differ by {difference:.2e}"
+
+
+def test_training_is_deterministic(tiny_data, tmp_path):
+    from safetensors.torch import load_file
+
+    from assistant.config import Settings
+    from tuning_support import train_adapter
+
+    settings = Settings(adapters_dir=tmp_path / "adapters", dtype="float32", device="cpu")
+    runs = [train_adapter(settings, tiny_data["infectious_disease"], "infectious_disease", max_steps=2,
+                          lora_dropout=0.1, register=False, out=str(tmp_path / f"run{i}")) for i in range(2)]
+    first, second = (load_file(run.output / "adapter_model.safetensors") for run in runs)
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[key], second[key]) for key in first)
+    assert runs[0].metrics["heldout_loss"] == runs[1].metrics["heldout_loss"]
+    assert not (tmp_path / "adapters" / "registry.json").exists()
+
+
+def test_existing_output_folder_rejected(tiny_data, tmp_path):
+    from assistant.config import Settings
+    from tuning_support import train_adapter
+
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(BedsideError, match="already exists"):
+        train_adapter(Settings(adapters_dir=tmp_path), tiny_data["cardiology"], "cardiology",
+                      out=str(tmp_path / "taken"))
+
+
+def test_full_finetune_folder_serves_as_base(tiny_data, tmp_path, base_model, model_spec, fresh_generator):
+    from transformers import AutoModelForCausalLM
+
+    from assistant.config import Settings
+    from assistant.tuning.loading import load_registered_adapter
+    from assistant.tuning.registry import AdapterRegistry
+    from tuning_support import train_adapter
+
+    settings = Settings(adapters_dir=tmp_path / "adapters", dtype="float32", device="cpu")
+    full = train_adapter(settings, tiny_data["cardiology"], "cardiology", method="full", max_steps=2, lr=1e-4,
+                         out=str(tmp_path / "full-model"))
+    full.model = None
+    names = {p.name for p in full.output.iterdir()}
+    assert {"config.json", "model.safetensors", "training.json", "tokenizer.json"} <= names
+    assert not [n for n in names if n.endswith(models.PICKLED_WEIGHT_SUFFIXES)]
+    assert not (tmp_path / "adapters" / "registry.json").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "staging folder left behind"
+
+    # plain transformers loads it, and training changed it
+    tuned = AutoModelForCausalLM.from_pretrained(str(full.output), dtype=torch.float32)
+    original = dict(base_model[0].named_parameters())
+    changed = [n for n, p in tuned.named_parameters() if not torch.equal(p, original[n])]
+    assert len(changed) > 100
+
+    # an adapter trained on it records its fingerprint, and the GGUF base refuses it
+    adapter = train_adapter(settings, tiny_data["cardiology"], "cardiology", base=str(full.output), max_steps=2)
+    adapter.model = None
+    full_fingerprint = models.model_fingerprint(models.resolve_model(str(full.output)))
+    assert adapter.entry["base"]["fingerprint"] == full_fingerprint
+    assert full_fingerprint != models.model_fingerprint(model_spec)
+    with pytest.raises(ModelError, match="trained on base model .*fingerprint"):
+        load_registered_adapter(fresh_generator, AdapterRegistry(settings.adapters_dir), adapter.entry)
+    assert fresh_generator.adapters == {}
+
+
+def test_cli_train_reports_bad_lines_and_registers(tmp_path, tiny_data):
+    from conftest import run_cli
+
+    data = tmp_path / "data.jsonl"
+    data.write_text(tiny_data["cardiology"].read_text() + "{oops\n", encoding="utf-8")
+    adapters = tmp_path / "adapters"
+    env = {"BEDSIDE_ADAPTERS_DIR": str(adapters), "BEDSIDE_DTYPE": "float32", "BEDSIDE_DEVICE": "cpu",
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "")}
+    env = {k: v for k, v in env.items() if v}
+    trained = run_cli("train", "--specialty", "cardiology", "--data", str(data), "--max-steps", "1",
+                      "--lora-r", "4", "--target-modules", "q_proj", "--batch-size", "2", "--no-progress",
+                      "--name", "cli-cardiology", cwd=tmp_path, env=env)
+    assert trained.returncode == 0, trained.stderr
+    assert f"{data}:11 skipped: invalid JSON" in trained.stderr
+    assert "registered as a candidate" in trained.stdout
+    assert (adapters / "cli-cardiology" / "adapter_model.safetensors").is_file()
+
+    listed = run_cli("adapters", "list", "--json", cwd=tmp_path, env=env)
+    assert listed.returncode == 0, listed.stderr
+    entries = json.loads(listed.stdout)
+    assert [(e["name"], e["status"], e["method"]) for e in entries] == [("cli-cardiology", "candidate", "lora")]
