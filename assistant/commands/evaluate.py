@@ -277,7 +277,9 @@ def run_eval_answers(args: argparse.Namespace) -> int:
     summary = result["summary"]
 
     def show(value: Any) -> str:
-        return "—" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+        if value is None:
+            return "—"
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
 
     names = ["questions", "in_corpus", "out_of_corpus", "answered", "citation_validity", "markers",
              "answers_without_markers", "supported_sentence_rate", "auto_cited_sentence_rate",

@@ -1,4 +1,4 @@
-"""`bedside export vllm --out DIR`: the base model and active adapters as vLLM loads them, plus its launch command.
+"""`bedside export vllm --out DIR`: the base model and active adapters for vLLM, and its launch command.
 
 Layout written under DIR:
     base/                  the base model as a safetensors folder with its tokenizer
@@ -43,23 +43,55 @@ class ExportedAdapter:
 def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     export = subparsers.add_parser("export", help="write the model in the layout a serving engine loads")
     engines = export.add_subparsers(dest="engine", metavar="ENGINE", required=True)
-    vllm = engines.add_parser("vllm", parents=[common],
-                              help="base model as safetensors + active adapters for vLLM, and the launch command")
-    vllm.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder to write (created if missing)")
-    vllm.add_argument("--host", default="127.0.0.1", help="address the server listens on (default: 127.0.0.1)")
+    vllm = engines.add_parser(
+        "vllm",
+        parents=[common],
+        help="base model as safetensors + active adapters for vLLM, and the launch command",
+    )
+    vllm.add_argument(
+        "--out", type=Path, required=True, metavar="DIR", help="folder to write (created if missing)"
+    )
+    vllm.add_argument(
+        "--host", default="127.0.0.1", help="address the server listens on (default: 127.0.0.1)"
+    )
     vllm.add_argument("--port", type=int, default=8000, help="port the server listens on (default: 8000)")
-    vllm.add_argument("--python", default=DEFAULT_VLLM_PYTHON, metavar="PATH",
-                      help=f"Python of the environment with vLLM installed (default: {DEFAULT_VLLM_PYTHON})")
-    vllm.add_argument("--served-dtype", choices=["bfloat16", "float32", "float16"],
-                      help="dtype vLLM runs the weights in (default: the dtype setting; auto means bfloat16)")
-    vllm.add_argument("--max-model-len", type=int, metavar="TOKENS",
-                      help="context length the server accepts (default: the model's own)")
-    vllm.add_argument("--max-loras", type=int, metavar="N",
-                      help="adapters in one batch (default: exported adapters + 2, at least 4)")
-    vllm.add_argument("--max-lora-rank", type=int, choices=VLLM_LORA_RANKS, metavar="R",
-                      help="largest LoRA rank the server accepts (default: the largest exported rank, at least 16)")
-    vllm.add_argument("--kv-cache-gib", type=int, default=1, metavar="GIB",
-                      help="CPU only: memory for the KV cache in GiB (VLLM_CPU_KVCACHE_SPACE; default: 1)")
+    vllm.add_argument(
+        "--python",
+        default=DEFAULT_VLLM_PYTHON,
+        metavar="PATH",
+        help=f"Python of the environment with vLLM installed (default: {DEFAULT_VLLM_PYTHON})",
+    )
+    vllm.add_argument(
+        "--served-dtype",
+        choices=["bfloat16", "float32", "float16"],
+        help="dtype vLLM runs the weights in (default: the dtype setting; auto means bfloat16)",
+    )
+    vllm.add_argument(
+        "--max-model-len",
+        type=int,
+        metavar="TOKENS",
+        help="context length the server accepts (default: the model's own)",
+    )
+    vllm.add_argument(
+        "--max-loras",
+        type=int,
+        metavar="N",
+        help="adapters in one batch (default: exported adapters + 2, at least 4)",
+    )
+    vllm.add_argument(
+        "--max-lora-rank",
+        type=int,
+        choices=VLLM_LORA_RANKS,
+        metavar="R",
+        help="largest LoRA rank the server accepts (default: the largest exported rank, at least 16)",
+    )
+    vllm.add_argument(
+        "--kv-cache-gib",
+        type=int,
+        default=1,
+        metavar="GIB",
+        help="CPU only: memory for the KV cache in GiB (VLLM_CPU_KVCACHE_SPACE; default: 1)",
+    )
     vllm.add_argument("--no-adapters", action="store_true", help="export the base model only")
     vllm.set_defaults(func=run_export_vllm)
 
@@ -92,12 +124,25 @@ def run_export_vllm(args: argparse.Namespace) -> int:
         # absolute, so the printed command and serve.sh work from any folder
         python = str(Path(python).absolute())
     environment, argv = launch_command(
-        python=python, base=base, served_name=spec.name, host=args.host, port=args.port,
-        dtype=served_dtype, max_model_len=max_model_len, adapters=adapters, max_loras=max_loras,
-        max_lora_rank=max_rank, kv_cache_gib=args.kv_cache_gib, cpu=models.choose_device(settings.device) == "cpu",
+        python=python,
+        base=base,
+        served_name=spec.name,
+        host=args.host,
+        port=args.port,
+        dtype=served_dtype,
+        max_model_len=max_model_len,
+        adapters=adapters,
+        max_loras=max_loras,
+        max_lora_rank=max_rank,
+        kv_cache_gib=args.kv_cache_gib,
+        cpu=models.choose_device(settings.device) == "cpu",
     )
-    command = " ".join([*(f"{key}={shlex.quote(value)}" for key, value in environment.items()),
-                        *(shlex.quote(part) for part in argv)])
+    command = " ".join(
+        [
+            *(f"{key}={shlex.quote(value)}" for key, value in environment.items()),
+            *(shlex.quote(part) for part in argv),
+        ]
+    )
 
     # manifest and script
     manifest = {
@@ -107,8 +152,16 @@ def run_export_vllm(args: argparse.Namespace) -> int:
         "base_fingerprint": fingerprint,
         "dtype": served_dtype,
         "max_model_len": max_model_len,
-        "adapters": [{"name": a.name, "path": str(a.path), "rank": a.rank, "sha256": a.sha256,
-                      "specialty": a.specialty} for a in adapters],
+        "adapters": [
+            {
+                "name": a.name,
+                "path": str(a.path),
+                "rank": a.rank,
+                "sha256": a.sha256,
+                "specialty": a.specialty,
+            }
+            for a in adapters
+        ],
         "url": f"http://{args.host}:{args.port}/v1",
         "launch_command": command,
         "settings": settings.to_dict(),
@@ -126,7 +179,7 @@ def run_export_vllm(args: argparse.Namespace) -> int:
         print(f"  adapter {adapter.name}: rank {adapter.rank}, {adapter.path}")
     print("start vLLM with (or run serve.sh in that folder):")
     print(command)
-    print(f"then answer through it with: BEDSIDE_VLLM_URL={manifest['url']} bedside ask --backend vllm \"...\"")
+    print(f'then answer through it with: BEDSIDE_VLLM_URL={manifest["url"]} bedside ask --backend vllm "..."')
     return 0
 
 
@@ -135,12 +188,26 @@ def lora_rank_ceiling(rank: int) -> int:
     for allowed in VLLM_LORA_RANKS:
         if allowed >= rank:
             return allowed
-    raise BedsideError(f"LoRA rank {rank} is above vLLM's maximum ({VLLM_LORA_RANKS[-1]}); retrain with a lower r")
+    raise BedsideError(
+        f"LoRA rank {rank} is above vLLM's maximum ({VLLM_LORA_RANKS[-1]}); retrain with a lower r"
+    )
 
 
-def launch_command(*, python: str, base: Path, served_name: str, host: str, port: int, dtype: str,
-                   max_model_len: int, adapters: list[ExportedAdapter], max_loras: int, max_lora_rank: int,
-                   kv_cache_gib: int, cpu: bool) -> tuple[dict[str, str], list[str]]:
+def launch_command(
+    *,
+    python: str,
+    base: Path,
+    served_name: str,
+    host: str,
+    port: int,
+    dtype: str,
+    max_model_len: int,
+    adapters: list[ExportedAdapter],
+    max_loras: int,
+    max_lora_rank: int,
+    kv_cache_gib: int,
+    cpu: bool,
+) -> tuple[dict[str, str], list[str]]:
     """Return the environment and argv that start vLLM's OpenAI-compatible server on this export.
 
     The server is started as a module because the `vllm` console script of vllm-cpu 0.32.0 fails on a
@@ -150,10 +217,28 @@ def launch_command(*, python: str, base: Path, served_name: str, host: str, port
     environment = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
     if cpu:
         environment["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
-    argv = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base),
-            "--served-model-name", served_name, "--host", host, "--port", str(port), "--dtype", dtype,
-            "--max-model-len", str(max_model_len), "--enable-lora", "--max-loras", str(max_loras),
-            "--max-lora-rank", str(max_lora_rank)]
+    argv = [
+        python,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(base),
+        "--served-model-name",
+        served_name,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--dtype",
+        dtype,
+        "--max-model-len",
+        str(max_model_len),
+        "--enable-lora",
+        "--max-loras",
+        str(max_loras),
+        "--max-lora-rank",
+        str(max_lora_rank),
+    ]
     if adapters:
         argv += ["--lora-modules", *(f"{a.name}={a.path}" for a in adapters)]
     return environment, argv
@@ -190,10 +275,14 @@ def export_base(spec: Any, fingerprint: str, target: Path) -> Path:
             copied += 1
     if not any(p.suffix == ".safetensors" for p in tmp.iterdir()):
         shutil.rmtree(tmp, ignore_errors=True)
-        raise BedsideError(f"base model {spec.display_name!r} has no safetensors weights in {str(source)!r}; "
-                           "convert it with `save_pretrained(safe_serialization=True)`")
+        raise BedsideError(
+            f"base model {spec.display_name!r} has no safetensors weights in {str(source)!r}; "
+            "convert it with `save_pretrained(safe_serialization=True)`"
+        )
     # the served folder's identity is its source's: adapters are matched against this fingerprint
-    atomic_write_json(tmp / "bedside_source.json", {"source": spec.display_name, "source_fingerprint": fingerprint})
+    atomic_write_json(
+        tmp / "bedside_source.json", {"source": spec.display_name, "source_fingerprint": fingerprint}
+    )
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
     logger.info("exported base model %s to %s (%d files)", spec.display_name, target, copied)
@@ -204,11 +293,16 @@ def _hub_snapshot(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=["*.safetensors", "*.json", "*.jinja", "*.txt",
-                                                               "*.model"]))
+        return Path(
+            snapshot_download(
+                repo_id, allow_patterns=["*.safetensors", "*.json", "*.jinja", "*.txt", "*.model"]
+            )
+        )
     except Exception as err:  # huggingface_hub raises several unrelated types for offline and missing repos
-        raise BedsideError(f"base model {repo_id!r} could not be fetched ({err}); pass a local folder with "
-                           "--model, or unset HF_HUB_OFFLINE to download it") from err
+        raise BedsideError(
+            f"base model {repo_id!r} could not be fetched ({err}); pass a local folder with "
+            "--model, or unset HF_HUB_OFFLINE to download it"
+        ) from err
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -223,7 +317,7 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 
 def export_adapters(settings: Any, fingerprint: str, target: Path) -> list[ExportedAdapter]:
-    """Copy each active adapter of the registry to `target/<name>`, checking its base and its weights' hash."""
+    """Copy each active adapter to `target/<name>`, checking its base fingerprint and its weights' hash."""
     from assistant.tuning.registry import sha256_file
 
     records = active_adapter_records(settings)
@@ -232,12 +326,16 @@ def export_adapters(settings: Any, fingerprint: str, target: Path) -> list[Expor
     for record in records:
         name, source = record["name"], Path(record["path"])
         if not (source / "adapter_config.json").is_file():
-            raise BedsideError(f"active adapter {name!r} has no adapter_config.json in {str(source)!r}; "
-                               "retrain it or roll the registry back")
+            raise BedsideError(
+                f"active adapter {name!r} has no adapter_config.json in {str(source)!r}; "
+                "retrain it or roll the registry back"
+            )
         base_fingerprint = record.get("base_fingerprint")
         if base_fingerprint and base_fingerprint != fingerprint:
-            raise BedsideError(f"active adapter {name!r} was trained on base {base_fingerprint[:19]}, not the "
-                               f"configured base {fingerprint[:19]}; set --model to its base or retrain it")
+            raise BedsideError(
+                f"active adapter {name!r} was trained on base {base_fingerprint[:19]}, not the "
+                f"configured base {fingerprint[:19]}; set --model to its base or retrain it"
+            )
         config = json.loads((source / "adapter_config.json").read_text(encoding="utf-8"))
 
         destination = target / name
@@ -250,16 +348,27 @@ def export_adapters(settings: Any, fingerprint: str, target: Path) -> list[Expor
         weights = tmp / "adapter_model.safetensors"
         if not weights.is_file():
             shutil.rmtree(tmp, ignore_errors=True)
-            raise BedsideError(f"active adapter {name!r} has no adapter_model.safetensors in {str(source)!r}; "
-                               "bedside serves safetensors adapters only")
+            raise BedsideError(
+                f"active adapter {name!r} has no adapter_model.safetensors in {str(source)!r}; "
+                "bedside serves safetensors adapters only"
+            )
         if record.get("sha256") and sha256_file(weights) != record["sha256"]:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise BedsideError(f"the weights of active adapter {name!r} in {str(source)!r} changed after "
-                               "registration (sha256 differs); retrain it or restore the file")
+            raise BedsideError(
+                f"the weights of active adapter {name!r} in {str(source)!r} changed after "
+                "registration (sha256 differs); retrain it or restore the file"
+            )
         shutil.rmtree(destination, ignore_errors=True)
         os.replace(tmp, destination)
-        exported.append(ExportedAdapter(name=name, path=destination, rank=int(config.get("r", 8)),
-                                        sha256=record.get("sha256"), specialty=record.get("specialty")))
+        exported.append(
+            ExportedAdapter(
+                name=name,
+                path=destination,
+                rank=int(config.get("r", 8)),
+                sha256=record.get("sha256"),
+                specialty=record.get("specialty"),
+            )
+        )
 
     # an adapter that is no longer active must not stay servable from an earlier export
     names = {a.name for a in exported}
@@ -277,10 +386,16 @@ def active_adapter_records(settings: Any) -> list[dict[str, Any]]:
     if not registry.path.is_file():
         logger.info("no adapter registry at %s; exporting the base model only", registry.path)
         return []
-    return [{"name": entry["name"], "path": registry.folder(entry),
-             "sha256": entry.get("files", {}).get(ADAPTER_WEIGHTS), "specialty": entry.get("specialty"),
-             "base_fingerprint": entry.get("base", {}).get("fingerprint")}
-            for entry in registry.active_entries()]
+    return [
+        {
+            "name": entry["name"],
+            "path": registry.folder(entry),
+            "sha256": entry.get("files", {}).get(ADAPTER_WEIGHTS),
+            "specialty": entry.get("specialty"),
+            "base_fingerprint": entry.get("base", {}).get("fingerprint"),
+        }
+        for entry in registry.active_entries()
+    ]
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

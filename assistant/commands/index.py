@@ -49,7 +49,8 @@ def run_rebuild(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     report = load_corpus(settings.corpus, progress=progress)
     for path, reason in report.problems:
-        print(f"bedside: skipped {path}: {reason}", file=sys.stderr)
+        # most reasons already name the file; print it once
+        print(f"bedside: skipped {reason if path in reason else f'{path}: {reason}'}", file=sys.stderr)
     documents = report.documents
     if not documents:
         # replacing a good index with an empty one would lose it; `bedside index remove` empties on purpose

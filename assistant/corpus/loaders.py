@@ -228,8 +228,8 @@ def load_pdf(path: Path) -> list[Document]:
             reader = PdfReader(path)
             pages = [page.extract_text() or "" for page in reader.pages]
             info = reader.metadata or {}
-    # A damaged PDF surfaces as many exception types from pypdf and the codecs under it (PdfReadError,
-    # zlib.error, KeyError, IndexError, RecursionError...); each means this file cannot be read.
+    # A damaged PDF raises many exception types from pypdf and the codecs under it (PdfReadError,
+    # zlib.error, KeyError, IndexError, RecursionError). Each of them means this file cannot be read.
     except Exception as err:  # noqa: BLE001
         raise CorpusError(f"{str(path)!r} is not a readable PDF ({err}); re-export it or remove it") from err
     if repairs.count:
@@ -321,7 +321,7 @@ def _medquad(root: Element, path: Path) -> list[Document]:
 
 
 def _spl_inline(element: Element) -> str:
-    """Text of an SPL element on one line: `<br/>` becomes a space and a footnote its text in parentheses."""
+    """Return an SPL element's text on one line, with `<br/>` as a space and a footnote in parentheses."""
     parts = [element.text or ""]
     for child in element:
         tag = child.tag.removeprefix(SPL_NS)
@@ -336,7 +336,7 @@ def _spl_inline(element: Element) -> str:
 
 
 def _spl_list(element: Element, depth: int = 0) -> list[str]:
-    """One `- ` line per list item; a nested list follows its parent item, indented."""
+    """Render each list item as a `- ` line, with a nested list indented under its item."""
     lines = []
     for item in element.findall(SPL_NS + "item"):
         nested = item.findall(SPL_NS + "list")
@@ -351,7 +351,7 @@ def _spl_list(element: Element, depth: int = 0) -> list[str]:
 
 
 def _spl_table(element: Element) -> list[str]:
-    """A caption line, the table as Markdown (head rows, then body rows), then footer rows as notes."""
+    """Render a caption line, the table as Markdown (head rows, then body rows), then footer rows as notes."""
     def rows_of(*parts: str) -> list[Element]:
         return [tr for part in parts for group in element.findall(SPL_NS + part) for tr in group.findall(SPL_NS + "tr")]
 
@@ -513,8 +513,8 @@ LOADERS: dict[str, Loader] = {
     ".jsonl": load_jsonl,
 }
 
-# Files that describe a folder rather than belong to its corpus (MedQuAD ships LICENSE.txt and
-# UPSTREAM_README.txt); skipped when a folder is walked, loaded when named on their own.
+# Files that describe a folder rather than belong to its corpus, such as MedQuAD's LICENSE.txt and
+# UPSTREAM_README.txt. A folder walk skips them, but a file named on its own is still loaded.
 _NOT_CORPUS = re.compile(r"^(.*[_.-])?(readme|licen[cs]e|notice|copying|changelog|authors)$", re.IGNORECASE)
 
 

@@ -63,7 +63,7 @@ def random_secret(kind: str, rng: random.Random) -> str:
 
 
 def make_canaries(seed: int, kinds: tuple[str, ...] = ("mrn", "phone")) -> list[Canary]:
-    """One canary per kind, with distinct invented names, reproducible from `seed`."""
+    """Make one canary per kind, with distinct invented names, reproducible from `seed`."""
     rng = random.Random(f"canaries-{seed}")
     names = rng.sample([f"{f} {s}" for f in FIRST_NAMES for s in LAST_NAMES], len(kinds))
     return [Canary(kind, name, random_secret(kind, rng)) for kind, name in zip(kinds, names, strict=True)]

@@ -1,8 +1,8 @@
 """Full fine-tuning vs parameter-efficient tuning on one data set, one seed and one token budget.
 
-`run_compare` reads top to bottom: validate the settings, prepare the training file (with canaries),
-score the untrained base, then for each method train it with the `bedside train` recipe in a fresh
-process and score its artifact, and finally write the report. Training runs in a child process so
+`run_compare` reads top to bottom. It validates the settings, prepares the training file (with
+canaries) and scores the untrained base. Then it trains each method with the `bedside train`
+recipe in a fresh process and scores its artifact, and finally it writes the report. Training runs in a child process so
 its peak RSS (`ru_maxrss`) belongs to that method alone rather than to whatever ran before it.
 
 Every method gets the same examples in the same seeded order, the same number of optimizer steps,
@@ -199,7 +199,7 @@ def train_method(config: CompareConfig, settings: Settings, method: str, data: P
 # scoring one model
 
 def load_base_copy(spec: models.ModelSpec, device: str) -> tuple[Any, Any]:
-    """A private fp32 copy of the base model (not the process-wide shared one)."""
+    """Load a private fp32 copy of the base model (not the process-wide shared one)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -243,15 +243,19 @@ def load_artifact(method: str, artifact: Path, spec: models.ModelSpec, device: s
 def score_model(model: Any, tokenizer: Any, config: CompareConfig, eval_examples: list[Any], task: str,
                 general_lines: list[str], canaries: list[canary_lib.Canary]) -> dict[str, Any]:
     """Held-out loss and task metric, general-text perplexity and canary memorization of one model."""
-    start = time.perf_counter()
-    scores = {
-        "heldout": heldout_quality(model, tokenizer, eval_examples, config.max_seq_length),
-        "task": task_quality(model, tokenizer, eval_examples, task, config.max_new_tokens),
-        "general_text": text_perplexity(model, tokenizer, general_lines),
-        "memorization": (canary_lib.memorization(model, tokenizer, canaries, config.canary_candidates, config.seed)
-                         if canaries else None),
+    steps = {
+        "heldout": lambda: heldout_quality(model, tokenizer, eval_examples, config.max_seq_length),
+        "task": lambda: task_quality(model, tokenizer, eval_examples, task, config.max_new_tokens),
+        "general_text": lambda: text_perplexity(model, tokenizer, general_lines),
+        "memorization": lambda: (canary_lib.memorization(model, tokenizer, canaries, config.canary_candidates,
+                                                         config.seed) if canaries else None),
     }
-    scores["eval_seconds"] = round(time.perf_counter() - start, 2)
+    scores: dict[str, Any] = {"eval_seconds": {}}
+    for name, step in steps.items():
+        start = time.perf_counter()
+        scores[name] = step()
+        scores["eval_seconds"][name] = round(time.perf_counter() - start, 2)
+        logger.info("scored %s in %.1f s", name, scores["eval_seconds"][name])
     return scores
 
 

@@ -52,7 +52,7 @@ class PubMedQA:
 
 
 def resolve_pubmedqa_dir(path: Path | str | None) -> Path:
-    """The PubMedQA folder: the argument, else $BEDSIDE_PUBMEDQA_DIR, else ./data/pubmedqa."""
+    """Return the PubMedQA folder: the argument, else $BEDSIDE_PUBMEDQA_DIR, else ./data/pubmedqa."""
     if path:
         folder = Path(path)
     elif os.environ.get(PUBMEDQA_ENV):
@@ -95,7 +95,7 @@ def load_pubmedqa(path: Path | str | None = None) -> PubMedQA:
 
 
 def pubmedqa_documents(data: PubMedQA, pmids: list[str] | None = None) -> list[Document]:
-    """One document per PubMed id, one section per context paragraph (titled by its label).
+    """Build one document per PubMed id, with one section per context paragraph (titled by its label).
 
     The title names the id only: a title holding the question would put the query into the index.
     """
@@ -113,7 +113,7 @@ def pubmedqa_documents(data: PubMedQA, pmids: list[str] | None = None) -> list[D
 # converted data is scored on exactly the prompt it was trained on
 
 def decision_messages(question: str, passages: list[str] | None = None) -> list[dict[str, str]]:
-    """The user turn asking for a yes/no/maybe decision, with the evidence passages when given."""
+    """Build the user turn that requests a yes/no/maybe decision, with the evidence passages when given."""
     if passages:
         evidence = "\n\n".join(passages)
         content = (f"Evidence:\n{evidence}\n\nQuestion: {question}\n"
@@ -124,7 +124,7 @@ def decision_messages(question: str, passages: list[str] | None = None) -> list[
 
 
 def decision_answer(decision: str, long_answer: str) -> str:
-    """The assistant turn: the decision word first, so its first token is what the QA scorer reads."""
+    """Build the assistant turn: the decision word comes first, so its first token is what the QA scorer reads."""
     return f"{decision.capitalize()}. {long_answer}".strip()
 
 
@@ -184,7 +184,7 @@ def load_retrieval_queries(path: Path) -> list[RetrievalQuery]:
                                '{"query": "...", "gold": ["doc-id", ...]}')
         queries.append(RetrievalQuery(record["query"].strip(), set(gold)))
     if not queries:
-        raise BedsideError(f"retrieval query file {str(path)!r} holds no queries")
+        raise BedsideError(f"retrieval query file {str(path)!r} contains no queries")
     return queries
 
 
@@ -214,7 +214,7 @@ def load_answer_questions(path: Path) -> list[AnswerQuestion]:
         questions.append(AnswerQuestion(record["question"].strip(), record["in_corpus"],
                                         record.get("doc_id"), record.get("specialty")))
     if not questions:
-        raise BedsideError(f"questions file {str(path)!r} holds no questions")
+        raise BedsideError(f"questions file {str(path)!r} contains no questions")
     return questions
 
 

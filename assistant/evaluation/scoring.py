@@ -98,7 +98,7 @@ def load_text_lines(path: Path) -> list[str]:
     lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
     lines = [line for line in lines if line and not line.startswith("#")]
     if not lines:
-        raise BedsideError(f"general-text file {str(path)!r} holds no text lines")
+        raise BedsideError(f"general-text file {str(path)!r} contains no text lines")
     return lines
 
 

@@ -17,6 +17,7 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -129,11 +130,12 @@ def train(config: TrainConfig, settings: Settings, progress: bool = False) -> Tr
             label_names=["labels"],
             use_cpu=device == "cpu",
             bf16=mixed_precision(config, device),
-            gradient_checkpointing=config.gradient_checkpointing,
+            activation_checkpointing=config.gradient_checkpointing,
             dataloader_num_workers=0,
         )
+        timer = step_timer()
         trainer = Trainer(model=model, args=arguments, train_dataset=train_rows,
-                          data_collator=PaddingCollator(tokenizer.pad_token_id))
+                          data_collator=PaddingCollator(tokenizer.pad_token_id), callbacks=[timer])
         outcome = trainer.train()
     train_seconds = time.perf_counter() - start
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -152,6 +154,8 @@ def train(config: TrainConfig, settings: Settings, progress: bool = False) -> Tr
         "epochs": round(float(trainer.state.epoch or 0), 4),
         "train_seconds": round(train_seconds, 2),
         "seconds_per_step": round(train_seconds / max(trainer.state.global_step, 1), 4),
+        # the first step also pays for allocating optimizer state, so it is left out when there are more
+        "median_step_seconds": round(statistics.median(timer.durations[1:] or timer.durations or [0.0]), 4),
         "trainable_parameters": trainable,
         "total_parameters": total,
         "peak_rss_mb": peak_rss_mb(),
@@ -329,7 +333,8 @@ def save_adapter(model: Any, tokenizer: Any, folder: Path, spec: models.ModelSpe
     for peft_config in model.peft_config.values():
         peft_config.base_model_name_or_path = base_model_label(spec)
         peft_config.inference_mode = True
-    model.save_pretrained(str(folder), safe_serialization=True)
+    # no LoRA target here is an embedding, so PEFT need not look up the base's vocabulary size
+    model.save_pretrained(str(folder), safe_serialization=True, save_embedding_layers=False)
     # PEFT writes a placeholder model card; training.json is the record of this run
     (folder / "README.md").unlink(missing_ok=True)
     for required in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
@@ -357,6 +362,24 @@ def check_no_pickled_files(folder: Path) -> None:
 
 
 # records
+
+def step_timer() -> Any:
+    """A Trainer callback that records the wall time of every optimizer step in `durations`."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.durations: list[float] = []
+            self._started = 0.0
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self._started = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.durations.append(time.perf_counter() - self._started)
+
+    return StepTimer()
+
 
 def parameter_counts(model: Any) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

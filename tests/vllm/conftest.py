@@ -38,7 +38,9 @@ def pytest_collection_modifyitems(config, items):
     ours = [item for item in items if here in Path(str(item.fspath)).parents]
     if not ours or vllm_installed():
         return
-    reason = f"vLLM is not installed for {VLLM_PYTHON}; `make test-vllm` creates .venv-vllm and runs these tests"
+    reason = (
+        f"vLLM is not installed for {VLLM_PYTHON}; `make test-vllm` creates .venv-vllm and runs these tests"
+    )
     if os.environ.get("BEDSIDE_REQUIRE_VLLM") == "1":
         raise pytest.UsageError(reason + " (BEDSIDE_REQUIRE_VLLM=1 makes this an error)")
     for item in ours:
@@ -48,7 +50,7 @@ def pytest_collection_modifyitems(config, items):
 # adapters
 
 
-def make_tiny_adapters(plan: list[tuple[Path, int]], scale: float = 0.02) -> None:
+def make_tiny_adapters(plan: list[tuple[Path, int]], scale: float = 0.15) -> None:
     """Save one rank-8 LoRA adapter per (folder, seed) whose B matrices are seeded random noise.
 
     PEFT starts B at zero, so a fresh adapter would be the identity; noise of this size changes greedy
@@ -65,8 +67,16 @@ def make_tiny_adapters(plan: list[tuple[Path, int]], scale: float = 0.02) -> Non
     model = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
     for folder, seed in plan:
         torch.manual_seed(seed)
-        lora = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                                lora_dropout=0.0, task_type="CAUSAL_LM"))
+        lora = get_peft_model(
+            model,
+            LoraConfig(
+                r=8,
+                lora_alpha=16,
+                target_modules=["q_proj", "v_proj"],
+                lora_dropout=0.0,
+                task_type="CAUSAL_LM",
+            ),
+        )
         with torch.no_grad():
             for name, parameter in lora.named_parameters():
                 if "lora_B" in name:
@@ -83,11 +93,16 @@ def register_adapter(adapters_dir: Path, name: str, specialty: str, folder: Path
 
     spec = models.resolve_model("")
     registry = AdapterRegistry(adapters_dir)
-    entry = registry.register({
-        "name": name, "specialty": specialty, "method": "lora", "path": str(folder.relative_to(adapters_dir)),
-        "base": {"name": spec.display_name, "fingerprint": models.model_fingerprint(spec)},
-        "files": folder_file_hashes(folder),
-    })
+    entry = registry.register(
+        {
+            "name": name,
+            "specialty": specialty,
+            "method": "lora",
+            "path": str(folder.relative_to(adapters_dir)),
+            "base": {"name": spec.display_name, "fingerprint": models.model_fingerprint(spec)},
+            "files": folder_file_hashes(folder),
+        }
+    )
     if activate:
         registry.activate(name, {"reason": "vLLM test fixture"})
     return entry
@@ -97,7 +112,11 @@ def register_adapter(adapters_dir: Path, name: str, specialty: str, folder: Path
 def adapters_dir(tmp_path_factory) -> Path:
     """A registry with two active adapters (cardiology, endocrinology) and one candidate for cardiology."""
     root = tmp_path_factory.mktemp("adapters")
-    plan = [("cardio-a", "cardiology", True), ("endo-b", "endocrinology", True), ("cardio-c", "cardiology", False)]
+    plan = [
+        ("cardio-a", "cardiology", True),
+        ("endo-b", "endocrinology", True),
+        ("cardio-c", "cardiology", False),
+    ]
     make_tiny_adapters([(root / name, seed) for seed, (name, _, _) in enumerate(plan)])
     for name, specialty, active in plan:
         register_adapter(root, name, specialty, root / name, active)
@@ -134,8 +153,19 @@ class Server:
 def export_dir(tmp_path_factory, adapters_dir) -> Path:
     out = tmp_path_factory.mktemp("vllm-export")
     port = free_port()
-    result = run_cli("export", "vllm", "--out", str(out), "--port", str(port), "--python", str(VLLM_PYTHON),
-                     "--device", "cpu", env={"BEDSIDE_ADAPTERS_DIR": str(adapters_dir)})
+    result = run_cli(
+        "export",
+        "vllm",
+        "--out",
+        str(out),
+        "--port",
+        str(port),
+        "--python",
+        str(VLLM_PYTHON),
+        "--device",
+        "cpu",
+        env={"BEDSIDE_ADAPTERS_DIR": str(adapters_dir)},
+    )
     assert result.returncode == 0, result.stderr
     return out
 
@@ -149,24 +179,36 @@ def vllm_server(export_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("vllm-log") / "server.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
     with log.open("wb") as handle:
-        process = subprocess.Popen(["sh", str(export_dir / "serve.sh")], stdout=handle, stderr=subprocess.STDOUT,
-                                   env=env, start_new_session=True)
+        process = subprocess.Popen(
+            ["sh", str(export_dir / "serve.sh")],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
     server = Server(manifest["url"], export_dir, process, log)
     health = manifest["url"].removesuffix("/v1") + "/health"
     deadline = time.monotonic() + SERVER_START_TIMEOUT_S
     try:
         while True:
             if process.poll() is not None:
-                pytest.fail(f"vLLM exited with {process.returncode} during start-up:\n{log.read_text()[-4000:]}")
+                pytest.fail(
+                    f"vLLM exited with {process.returncode} during start-up:\n{log.read_text()[-4000:]}"
+                )
             try:
                 if httpx.get(health, timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"vLLM did not become healthy in {SERVER_START_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
+                pytest.fail(
+                    f"vLLM did not become healthy in {SERVER_START_TIMEOUT_S} s:\n{log.read_text()[-4000:]}"
+                )
             time.sleep(2)
-        print(f"vLLM ready after {SERVER_START_TIMEOUT_S - (deadline - time.monotonic()):.0f} s", file=sys.stderr)
+        print(
+            f"vLLM ready after {SERVER_START_TIMEOUT_S - (deadline - time.monotonic()):.0f} s",
+            file=sys.stderr,
+        )
         yield server
     finally:
         server.stop()
