@@ -175,8 +175,8 @@ def test_router_follows_requested_specialty(router, trained_adapters):
     assert "no active adapter for specialty 'nephrology'" in none.reason
 
 
-def test_router_refuses_adapter_for_another_base(router):
-    assert "oncology" in router.refused
+def test_router_rejects_adapter_for_another_base(router):
+    assert "oncology" in router.rejected
     with pytest.raises(ModelError, match="oncology-foreign.*fingerprint"):
         router.choose("How is tumour lysis prevented?", "oncology")
     assert "oncology" not in router.scores("How is tumour lysis prevented?")

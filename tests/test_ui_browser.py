@@ -1,7 +1,7 @@
 """The clinician page in a real headless Chromium, against `launch.py` serving the demo index.
 
-The server starts without a users file, so its first-start account and printed password are what
-the tests log in with; a second account is added while it runs with `bedside users add`. Without
+The server starts without a users file, so the tests log in with its first-start account and the
+password it prints. A second account is added to the users file while the server runs. Without
 /usr/bin/chromium the tests skip, or fail when BEDSIDE_REQUIRE_BROWSER=1 (as CI sets it).
 """
 
@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from assistant.ui.auth import UserStore
 
 pytestmark = pytest.mark.browser
 
@@ -97,13 +99,9 @@ def server(browser, demo_index_dir, tmp_path_factory):
         assert found, "the first start should print the new account's password:\n" + text
         admin_password = found.group(1)
 
-        # a second account, added while the server runs
+        # a second account, added while the server runs: the server must pick up the changed file
         bob_password = "bob's own password"
-        add_bob = [sys.executable, "-m", "assistant.cli", "users", "add", "bob", "--password-stdin",
-                   "--users-file", str(users_file)]
-        added = subprocess.run(add_bob, input=bob_password + "\n", cwd=folder, env=env, capture_output=True,
-                               text=True, timeout=120)
-        assert added.returncode == 0, added.stderr
+        UserStore(users_file).set_password("bob", bob_password)
         passwords = {"admin": admin_password, "bob": bob_password}
         yield Server(url=f"http://127.0.0.1:{port}/", passwords=passwords, audit_db=folder / "audit.db",
                      output=output)

@@ -18,6 +18,7 @@ from assistant.retrieval import Hit
 
 GROUP_MARKER = re.compile(r"\[(\s*\d+(?:\s*[,;]\s*\d+)*\s*)\]")
 MARKER = re.compile(r"\[(\d+)\]")
+NUMBER = re.compile(r"(?<![\w.])\d+(?:[.,]\d+)?")
 # a sentence ends at . ! or ? followed by space, unless the next thing is a citation marker
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?!\[\d)|\n+")
 
@@ -65,6 +66,25 @@ def normalize_markers(text: str) -> str:
     return GROUP_MARKER.sub(lambda m: "".join(f"[{n.strip()}]" for n in re.split(r"[,;]", m.group(1))), text)
 
 
+def numbers_in(text: str) -> set[float]:
+    """Numeric values written in `text` (1,000 and 1000 alike; a decimal comma is read as a point)."""
+    values = set()
+    for token in NUMBER.findall(MARKER.sub("", text)):
+        token = token.replace(",", "") if re.fullmatch(r"\d{1,3},\d{3}", token) else token.replace(",", ".")
+        values.add(float(token))
+    return values
+
+
+def unsourced_numbers(sentence: str, sources: list[Hit]) -> list[float]:
+    """Numbers in the sentence that appear in none of its sources.
+
+    Embedding similarity cannot tell "0.1 units/kg/hour" from "1.0 units/kg/hour", and a wrong dose
+    is the most dangerous error a small model makes, so every number must be found in a cited source.
+    """
+    available = set().union(*(numbers_in(f"{hit.title} {hit.section or ''} {hit.text}") for hit in sources))
+    return sorted(numbers_in(sentence) - available)
+
+
 def split_sentences(text: str) -> list[str]:
     return [s.strip() for s in SENTENCE_END.split(text) if s and s.strip()]
 
@@ -105,17 +125,23 @@ def verify_citations(text: str, hits: list[Hit], embedder: Any, min_support: flo
             continue
         if markers:
             support = float(max(similarity[row, n - 1] for n in markers))
-            check = SentenceCheck(sentence, markers, round(support, 4), support >= min_support)
+            missing = unsourced_numbers(sentence, [hits[n - 1] for n in markers])
+            check = SentenceCheck(sentence, markers, round(support, 4), support >= min_support and not missing)
         else:
             best = int(np.argmax(similarity[row]))
             support = float(similarity[row, best])
-            if support >= min_support:
+            missing = unsourced_numbers(sentence, [hits[best]])
+            if support >= min_support and not missing:
                 sentence = f"{sentence} [{best + 1}]"
                 check = SentenceCheck(sentence, [best + 1], round(support, 4), True, auto_cited=True)
                 flags.append({"type": "auto_cited", "marker": best + 1, "sentence": plain[row],
                               "detail": "the model cited nothing here; the closest source was attached"})
             else:
                 check = SentenceCheck(sentence, [], round(support, 4), False)
+        if missing:
+            shown = ", ".join(f"{value:g}" for value in missing)
+            flags.append({"type": "number_not_in_source", "sentence": plain[row], "numbers": missing,
+                          "detail": f"{shown} appear(s) in no cited source; check every figure against the source"})
         if not check.supported:
             flags.append({"type": "unsupported", "sentence": plain[row], "support": check.support,
                           "detail": "no cited source supports this sentence; verify it before use"})

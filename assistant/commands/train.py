@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from assistant.commands import SETTING_FLAGS
+from assistant.tuning.launch import add_launcher_arguments, relaunch_if_requested
 
 
 def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -23,6 +24,8 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     train.add_argument("--config", metavar="FILE.yaml", help="training settings in YAML; flags override them")
     # "resolve" strips --config from the action shared with every other command; give it back
     shared_config.option_strings[:] = ["--config"]
+
+    # what to train on, and where the output goes
     train.add_argument("--specialty", help="specialty the output serves, e.g. cardiology")
     train.add_argument("--data", metavar="FILE.jsonl", help="training examples, one JSON object a line")
     train.add_argument("--method", choices=["lora", "qlora", "full"],
@@ -31,6 +34,8 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
                                                        "setting, embedded SmolLM2-135M)")
     train.add_argument("--out", metavar="DIR", help="output folder (default: adapters/NAME; full: models/NAME)")
     train.add_argument("--name", help="adapter name (default: SPECIALTY-METHOD-vN)")
+
+    # optimisation
     train.add_argument("--max-steps", type=int, help="stop after N optimizer steps (default: use --epochs)")
     train.add_argument("--epochs", type=float, help="passes over the training split (default: 3)")
     train.add_argument("--seed", type=int, help="random seed (default: 42)")
@@ -39,17 +44,21 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     train.add_argument("--grad-accum", type=int, help="gradient accumulation steps (default: 1)")
     train.add_argument("--max-seq-length", type=int, help="tokens per example; longer ones are cut (default: 512)")
     train.add_argument("--eval-fraction", type=float, help="share of examples held out (default: 0.1)")
+
+    # LoRA
     train.add_argument("--lora-r", type=int, help="LoRA rank r (default: 16)")
     train.add_argument("--lora-alpha", type=int, help="LoRA alpha; scaling is alpha / r (default: 32)")
     train.add_argument("--lora-dropout", type=float, help="LoRA dropout (default: 0.05)")
     train.add_argument("--target-modules", nargs="+", metavar="MODULE",
                        help="module names LoRA wraps (default for llama-style models: q_proj k_proj v_proj "
                             "o_proj gate_proj up_proj down_proj)")
+
     train.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                        help="recompute activations in the backward pass to save memory")
     train.add_argument("--register", action=argparse.BooleanOptionalAction, default=None,
                        help="add the adapter to adapters/registry.json as a candidate (default: yes)")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_launcher_arguments(train)
     train.set_defaults(func=run_train)
 
 
@@ -71,6 +80,11 @@ def run_train(args: argparse.Namespace) -> int:
     }
     config = load_train_config(Path(args.config) if args.config else None, overrides)
     settings = load_settings(None, {name: getattr(args, name, None) for name in SETTING_FLAGS})
+
+    # several processes: the same command is started again under `accelerate launch`
+    status = relaunch_if_requested(args)
+    if status is not None:
+        return status
 
     # report bad lines before the model loads; a file with no valid line raises here
     report = load_examples(Path(config.data))

@@ -40,14 +40,27 @@ LAUNCHER_FLAGS_WITH_VALUE = ("--launcher", "--num-processes", "--accelerate-conf
 
 def add_launcher_arguments(parser: argparse.ArgumentParser) -> None:
     """Add --launcher, --num-processes and --accelerate-config to the `train` parser."""
-    parser.add_argument("--launcher", choices=LAUNCHERS, default="none",
-                        help="none: train in this process (default); accelerate: start --num-processes "
-                             "processes under `accelerate launch`")
-    parser.add_argument("--num-processes", type=int, default=2, metavar="N",
-                        help="processes for --launcher accelerate: CPU processes or GPUs (default: 2)")
-    parser.add_argument("--accelerate-config", type=Path, metavar="FILE.yaml",
-                        help="accelerate config for --launcher accelerate (default: configs/accelerate/"
-                             f"{CPU_PRESET} on CPU, {CUDA_PRESET} on CUDA)")
+    parser.add_argument(
+        "--launcher",
+        choices=LAUNCHERS,
+        default="none",
+        help="none: train in this process (default); accelerate: start --num-processes "
+        "processes under `accelerate launch`",
+    )
+    parser.add_argument(
+        "--num-processes",
+        type=int,
+        default=2,
+        metavar="N",
+        help="processes for --launcher accelerate: CPU processes or GPUs (default: 2)",
+    )
+    parser.add_argument(
+        "--accelerate-config",
+        type=Path,
+        metavar="FILE.yaml",
+        help="accelerate config for --launcher accelerate (default: configs/accelerate/"
+        f"{CPU_PRESET} on CPU, {CUDA_PRESET} on CUDA)",
+    )
 
 
 def relaunch_if_requested(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int | None:
@@ -58,11 +71,17 @@ def relaunch_if_requested(args: argparse.Namespace, argv: Sequence[str] | None =
     """
     if getattr(args, "launcher", "none") != "accelerate":
         return None
-    return relaunch(list(sys.argv[1:] if argv is None else argv), args.num_processes, args.accelerate_config,
-                    getattr(args, "device", None) or "auto")
+    return relaunch(
+        list(sys.argv[1:] if argv is None else argv),
+        args.num_processes,
+        args.accelerate_config,
+        getattr(args, "device", None) or "auto",
+    )
 
 
-def relaunch(argv: list[str], num_processes: int, config_file: Path | None = None, device: str = "auto") -> int:
+def relaunch(
+    argv: list[str], num_processes: int, config_file: Path | None = None, device: str = "auto"
+) -> int:
     """Start `accelerate launch` on `bedside <argv>` (less the launcher flags) and wait for it."""
     import importlib.util
 
@@ -70,21 +89,36 @@ def relaunch(argv: list[str], num_processes: int, config_file: Path | None = Non
     if num_processes < 1:
         raise BedsideError(f"--num-processes {num_processes} is invalid; use a whole number of at least 1")
     if importlib.util.find_spec("accelerate") is None:
-        raise BedsideError("--launcher accelerate needs the accelerate package; install it with `pip install "
-                           "accelerate` or drop --launcher")
+        raise BedsideError(
+            "--launcher accelerate needs the accelerate package; install it with `pip install "
+            "accelerate` or drop --launcher"
+        )
     cpu = _runs_on_cpu(device)
     config = Path(config_file) if config_file else PRESET_DIR / (CPU_PRESET if cpu else CUDA_PRESET)
     if not config.is_file():
-        raise BedsideError(f"accelerate config {str(config)!r} not found; pass one with --accelerate-config "
-                           "(presets are in configs/accelerate/ of the bedside repository)")
+        raise BedsideError(
+            f"accelerate config {str(config)!r} not found; pass one with --accelerate-config "
+            "(presets are in configs/accelerate/ of the bedside repository)"
+        )
     argv = strip_launcher_flags(argv)
     if not argv or argv[0] != "train":
         raise BedsideError("--launcher accelerate applies to `bedside train` only")
 
     # launch
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-               "--num_processes", str(num_processes), "--main_process_port", str(_free_port()),
-               "-m", "assistant.tuning.launch", *argv]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config),
+        "--num_processes",
+        str(num_processes),
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "assistant.tuning.launch",
+        *argv,
+    ]
     env = dict(os.environ)
     if cpu:
         # accelerate 1.16 starts MULTI_CPU runs through mpirun only; the presets route CPU runs through
@@ -95,15 +129,19 @@ def relaunch(argv: list[str], num_processes: int, config_file: Path | None = Non
     try:
         completed = subprocess.run(command, env=env, check=False)
     except OSError as err:
-        raise BedsideError(f"could not start accelerate launch ({err}); check that {sys.executable} runs") from err
+        raise BedsideError(
+            f"could not start accelerate launch ({err}); check that {sys.executable} runs"
+        ) from err
     if completed.returncode != 0:
-        raise BedsideError(f"`accelerate launch` with {num_processes} processes failed with exit status "
-                           f"{completed.returncode}; the processes' errors are printed above")
+        raise BedsideError(
+            f"`accelerate launch` with {num_processes} processes failed with exit status "
+            f"{completed.returncode}; the processes' errors are printed above"
+        )
     return 0
 
 
 def strip_launcher_flags(argv: Sequence[str]) -> list[str]:
-    """Return `argv` without --launcher, --num-processes and --accelerate-config (both `--f v` and `--f=v`)."""
+    """Return `argv` without the launcher flags, in both the `--flag value` and `--flag=value` forms."""
     out: list[str] = []
     skip = False
     for item in argv:

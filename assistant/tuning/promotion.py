@@ -174,7 +174,7 @@ def evaluation_examples(registry: AdapterRegistry, entry: dict[str, Any], incumb
 
 
 def max_seq_length(registry: AdapterRegistry, entry: dict[str, Any]) -> int:
-    """The candidate's own training max_seq_length, so scores match its recorded held-out loss."""
+    """Return the candidate's training max_seq_length, so scores match its recorded held-out loss."""
     import json
 
     record = registry.folder(entry) / TRAINING_RECORD

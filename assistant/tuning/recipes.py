@@ -2,7 +2,7 @@
 
 The steps run in dependency order: validate the settings and the data (nothing heavy loaded yet),
 load the tokenizer, tokenize, load the base model, wrap it for the method, train with the
-transformers Trainer, score the held-out split, save into a temporary folder, check it holds no
+transformers Trainer, score the held-out split, save into a temporary folder, check that it contains no
 pickled weights, rename it into place, and register it. `train` takes no process-global state
 beyond the seed, so it can run under `accelerate launch` unchanged.
 """
@@ -53,7 +53,7 @@ LIBRARIES = ("torch", "transformers", "peft", "accelerate", "safetensors", "bits
 
 @dataclass
 class TrainResult:
-    """What a run produced: the output folder, its metrics, and its registry entry if registered."""
+    """Outputs of one training run: the output folder, its metrics, and its registry entry if registered."""
 
     name: str
     method: str
@@ -67,7 +67,7 @@ class TrainResult:
 
 
 def train(config: TrainConfig, settings: Settings, progress: bool = False) -> TrainResult:
-    """Train one adapter (lora, qlora) or one full model (full) as `config` says; see the module docstring."""
+    """Train one adapter (lora, qlora) or one full model (full) as set by `config`; see the module docstring."""
     import torch
     from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
 
@@ -325,7 +325,7 @@ METHOD_SETUP = {"lora": setup_lora, "qlora": setup_qlora, "full": setup_full}
 # saving per method
 
 def base_model_label(spec: models.ModelSpec) -> str:
-    """The base model as recorded in adapter_config.json: a name, never this machine's cache path."""
+    """Return the base model name written to adapter_config.json: a name, never this machine's cache path."""
     return spec.name if spec.gguf_file else spec.path
 
 

@@ -1,9 +1,9 @@
 """Choose the adapter for a request: the requested specialty's active adapter, or a nearest-centroid router.
 
 Every active adapter is loaded into the one generator at start-up. Automatic routing embeds the
-question and compares it with each adapter's centroid (the normalised mean embedding of the user
-turns it was trained on); the closest adapter wins when its cosine similarity reaches the threshold,
-else the bare base model answers.
+question and compares it with each adapter's centroid, the normalised mean embedding of the user
+turns it was trained on. The closest adapter wins when its cosine similarity reaches the threshold,
+and otherwise the bare base model answers.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def question_centroid(embedder: Any, questions: list[str]) -> list[float]:
 
 @dataclass
 class Route:
-    """A loaded adapter the router may pick, with its centroid (None: only by explicit specialty)."""
+    """A loaded adapter the router may pick, with its centroid (None: selectable only by specialty)."""
 
     name: str
     specialty: str
@@ -50,12 +50,12 @@ class Route:
 class AdapterRouter:
     """Pick the adapter for each request; `choose` is safe to call from several threads."""
 
-    def __init__(self, embedder: Any, routes: list[Route], refused: dict[str, str], threshold: float) -> None:
+    def __init__(self, embedder: Any, routes: list[Route], rejected: dict[str, str], threshold: float) -> None:
         import numpy as np
 
         self.embedder = embedder
         self.routes = {route.specialty: route for route in routes}
-        self.refused = refused
+        self.rejected = rejected
         self.threshold = threshold
         routable = [r for r in routes if r.centroid is not None]
         self._routable = routable
@@ -72,8 +72,8 @@ class AdapterRouter:
 
     def choose(self, question: str, specialty: str | None = None) -> AdapterChoice:
         if specialty:
-            if specialty in self.refused:
-                raise ModelError(self.refused[specialty])
+            if specialty in self.rejected:
+                raise ModelError(self.rejected[specialty])
             route = self.routes.get(specialty)
             if route is None:
                 return AdapterChoice(None, specialty, None, f"no active adapter for specialty {specialty!r}")
@@ -95,7 +95,7 @@ def build_router(settings: Any, generator: Any, embedder: Any) -> AdapterRouter:
     """Load every active adapter of `settings.adapters_dir` into `generator` and return the router.
 
     An adapter that fails its checks (wrong base fingerprint, changed files, no matching modules) is
-    not loaded: a request that names its specialty gets the refusal as an error, and automatic
+    not loaded. A request that names its specialty gets the rejection as an error, and automatic
     routing leaves it out, so no request silently runs on the bare base under its name.
     """
     from assistant import models
@@ -107,12 +107,12 @@ def build_router(settings: Any, generator: Any, embedder: Any) -> AdapterRouter:
     embedder_fingerprint = models.embedder_fingerprint(models.resolve_embedder(settings.embedder))
 
     routes: list[Route] = []
-    refused: dict[str, str] = {}
+    rejected: dict[str, str] = {}
     for entry in registry.active_entries():
         try:
             load_registered_adapter(generator, registry, entry)
         except ModelError as err:
-            refused[entry["specialty"]] = str(err)
+            rejected[entry["specialty"]] = str(err)
             logger.warning("adapter %s not loaded: %s", entry["name"], err)
             continue
         router = entry.get("router") or {}
@@ -123,6 +123,6 @@ def build_router(settings: Any, generator: Any, embedder: Any) -> AdapterRouter:
                            entry["name"], entry["specialty"])
             centroid = None
         routes.append(Route(entry["name"], entry["specialty"], entry["files"][ADAPTER_WEIGHTS], centroid))
-    logger.info("router ready: %d adapter(s) loaded, %d refused, threshold %.2f",
-                len(routes), len(refused), threshold)
-    return AdapterRouter(embedder, routes, refused, threshold)
+    logger.info("router ready: %d adapter(s) loaded, %d rejected, threshold %.2f",
+                len(routes), len(rejected), threshold)
+    return AdapterRouter(embedder, routes, rejected, threshold)
