@@ -12,11 +12,20 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 
 NOTES_EXAMPLE = Path(__file__).parent / "data" / "notes_example.jsonl"
-CLI_MODEL_FLAGS = ["--dtype", "float32", "--device", "cpu", "--no-progress", "--max-new-tokens", "32"]
+CLI_MODEL_FLAGS = [
+    "--dtype",
+    "float32",
+    "--device",
+    "cpu",
+    "--no-progress",
+    "--max-new-tokens",
+    "32",
+    "--note-tokens",
+    "256",
+]
 
 
 @pytest.fixture
@@ -43,6 +52,7 @@ def texts(facts: list[dict]) -> list[str]:
 
 
 # units
+
 
 def test_parse_time_partial_and_invalid():
     import datetime as dt
@@ -73,8 +83,13 @@ def test_collapse_repeated_lines_counts():
 def test_notes_reader_reports_bad_lines(tmp_path):
     from assistant.drafting.notes import read_notes
 
-    good = {"encounter_id": "A-1", "patient_id": "P", "admitted": "2024-01-01", "discharged": "2024-01-03",
-            "notes": [{"text": "Admitted for observation."}]}
+    good = {
+        "encounter_id": "A-1",
+        "patient_id": "P",
+        "admitted": "2024-01-01",
+        "discharged": "2024-01-03",
+        "notes": [{"text": "Admitted for observation."}],
+    }
     lines = [
         json.dumps(good),
         "{not json",
@@ -111,8 +126,15 @@ def test_exit_status_is_capped():
 
 
 def test_specialty_without_registry_rejected(cli_env, capsys):
-    status = run_bedside("draft-discharge", str(NOTES_EXAMPLE), "--out", str(cli_env / "d"),
-                         "--specialty", "cardiology", *CLI_MODEL_FLAGS)
+    status = run_bedside(
+        "draft-discharge",
+        str(NOTES_EXAMPLE),
+        "--out",
+        str(cli_env / "d"),
+        "--specialty",
+        "cardiology",
+        *CLI_MODEL_FLAGS,
+    )
 
     assert status == 1
     assert "--specialty cardiology needs an adapter registry" in capsys.readouterr().err
@@ -138,6 +160,7 @@ def test_fit_notes_truncates_deterministically(base_model):
 
 # drafting
 
+
 def long_note(min_words: int) -> str:
     """A varied (not collapsible) invented nursing log of at least `min_words` words."""
     lines, day = [], 0
@@ -145,11 +168,13 @@ def long_note(min_words: int) -> str:
         day += 1
         for hour in (2, 8, 14, 20):
             lines.append(
-                f"Day {day} {hour:02d}:00 observation: temperature {36.4 + ((day * 7 + hour) % 19) / 10:.1f} C, "
+                f"Day {day} {hour:02d}:00 observation: "
+                f"temperature {36.4 + ((day * 7 + hour) % 19) / 10:.1f} C, "
                 f"heart rate {68 + (day * 13 + hour * 7) % 41}, blood pressure {112 + (day * 5 + hour) % 30}/"
                 f"{64 + (day * 3 + hour) % 20}, oxygen saturation {92 + (day + hour) % 7}% on "
                 f"{['room air', '2 L nasal cannula', '1 L nasal cannula'][(day + hour) % 3]}; "
-                f"fluid balance {(day * 170 + hour * 30) % 900 - 300:+d} mL; pain score {(day + hour) % 5} of 10."
+                f"fluid balance {(day * 170 + hour * 30) % 900 - 300:+d} mL; "
+                f"pain score {(day + hour) % 5} of 10."
             )
     return "\n".join(lines)
 
@@ -157,10 +182,12 @@ def long_note(min_words: int) -> str:
 def test_notes_example_drafts_and_batched_equals_solo(cli_env, capsys):
     batched, solo = cli_env / "batched", cli_env / "solo"
 
-    first = run_bedside("draft-discharge", str(NOTES_EXAMPLE), "--out", str(batched), "--batch-size", "3",
-                        *CLI_MODEL_FLAGS)
-    second = run_bedside("draft-discharge", str(NOTES_EXAMPLE), "--out", str(solo), "--batch-size", "1",
-                         *CLI_MODEL_FLAGS)
+    first = run_bedside(
+        "draft-discharge", str(NOTES_EXAMPLE), "--out", str(batched), "--batch-size", "3", *CLI_MODEL_FLAGS
+    )
+    second = run_bedside(
+        "draft-discharge", str(NOTES_EXAMPLE), "--out", str(solo), "--batch-size", "1", *CLI_MODEL_FLAGS
+    )
 
     assert (first, second) == (0, 0), capsys.readouterr().err
     ids = ["N-1001", "N-1002", "N-1003"]
@@ -177,9 +204,15 @@ def test_notes_example_drafts_and_batched_equals_solo(cli_env, capsys):
     pneumonia = read_draft(batched, "N-1001")["sections"]
     stay = pneumonia["patient_and_stay"]
     assert (stay["admitted"], stay["discharged"], stay["length_of_stay_days"]) == (
-        "2024-02-03T09:15:00Z", "2024-02-06T14:30:00Z", 3)
+        "2024-02-03T09:15:00Z",
+        "2024-02-06T14:30:00Z",
+        3,
+    )
     assert texts(pneumonia["reason_for_admission"]) == ["Fever and productive cough"]
-    assert texts(pneumonia["diagnoses"]) == ["Community-acquired pneumonia, right lower lobe", "Essential hypertension"]
+    assert texts(pneumonia["diagnoses"]) == [
+        "Community-acquired pneumonia, right lower lobe",
+        "Essential hypertension",
+    ]
     assert pneumonia["diagnoses"][0]["sources"] == ["notes:N-1001#diagnoses[0]"]
     discharge = {f["text"]: f["status"] for f in pneumonia["medications"]["at_discharge"]}
     assert discharge == {"Amoxicillin 500 mg oral": "new", "Lisinopril 10 mg oral": "continued"}
@@ -222,22 +255,49 @@ def test_long_and_short_notes_same_batch(cli_env, capsys, base_model):
 
     _, tokenizer = base_model
     long_text = long_note(2200)
-    short_text = ("Admitted overnight after a fall at home with a minor scalp laceration, which was closed with "
-                  "three sutures. CT head showed no bleed. Observations stayed normal and she walked safely with "
-                  "the physiotherapist before discharge home with her daughter.")
+    short_text = (
+        "Admitted overnight after a fall at home with a minor scalp laceration, which was closed with "
+        "three sutures. CT head showed no bleed. Observations stayed normal and she walked safely with "
+        "the physiotherapist before discharge home with her daughter."
+    )
     assert count_tokens(tokenizer, long_text) >= 3000
     assert 40 <= count_tokens(tokenizer, short_text) <= 120
     base = {"patient_id": "P-900", "admitted": "2024-06-01T08:00:00Z", "discharged": "2024-06-02T09:00:00Z"}
     source = cli_env / "long.jsonl"
     source.write_text(
-        json.dumps({**base, "encounter_id": "L-long", "notes": [{"text": long_text}],
-                    "diagnoses": ["Lower respiratory tract infection"]}) + "\n"
-        + json.dumps({**base, "encounter_id": "L-short", "patient_id": "P-901", "notes": [{"text": short_text}],
-                      "diagnoses": ["Scalp laceration"]}) + "\n")
+        json.dumps(
+            {
+                **base,
+                "encounter_id": "L-long",
+                "notes": [{"text": long_text}],
+                "diagnoses": ["Lower respiratory tract infection"],
+            }
+        )
+        + "\n"
+        + json.dumps(
+            {
+                **base,
+                "encounter_id": "L-short",
+                "patient_id": "P-901",
+                "notes": [{"text": short_text}],
+                "diagnoses": ["Scalp laceration"],
+            }
+        )
+        + "\n"
+    )
     out = cli_env / "drafts"
 
-    status = run_bedside("draft-discharge", str(source), "--out", str(out), "--batch-size", "2",
-                         "--note-tokens", "384", *CLI_MODEL_FLAGS)
+    status = run_bedside(
+        "draft-discharge",
+        str(source),
+        "--out",
+        str(out),
+        "--batch-size",
+        "2",
+        *CLI_MODEL_FLAGS,
+        "--note-tokens",
+        "384",
+    )
 
     assert status == 0, capsys.readouterr().err
     long_draft, short_draft = read_draft(out, "L-long"), read_draft(out, "L-short")
@@ -257,10 +317,22 @@ def test_long_and_short_notes_same_batch(cli_env, capsys, base_model):
 
 def test_killed_batch_resumes(cli_env, demo_index_dir, capsys):
     out = cli_env / "drafts"
-    command = [sys.executable, "-m", "assistant.cli", "draft-discharge", str(NOTES_EXAMPLE), "--out", str(out),
-               "--batch-size", "1", *CLI_MODEL_FLAGS]
+    command = [
+        sys.executable,
+        "-m",
+        "assistant.cli",
+        "draft-discharge",
+        str(NOTES_EXAMPLE),
+        "--out",
+        str(out),
+        "--batch-size",
+        "1",
+        *CLI_MODEL_FLAGS,
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.monotonic() + 300
         while not list(out.glob("*.json")) and time.monotonic() < deadline and process.poll() is None:
@@ -272,11 +344,19 @@ def test_killed_batch_resumes(cli_env, demo_index_dir, capsys):
     assert finished, "no draft appeared before the deadline"
     assert len(finished) < 3, "the run finished before it could be killed"
     before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in finished}
-    before.update({p.with_suffix(".md").name: (p.with_suffix(".md").stat().st_mtime_ns,
-                                               p.with_suffix(".md").read_bytes()) for p in finished})
+    before.update(
+        {
+            p.with_suffix(".md").name: (
+                p.with_suffix(".md").stat().st_mtime_ns,
+                p.with_suffix(".md").read_bytes(),
+            )
+            for p in finished
+        }
+    )
 
-    status = run_bedside("draft-discharge", str(NOTES_EXAMPLE), "--out", str(out), "--batch-size", "1",
-                         *CLI_MODEL_FLAGS)
+    status = run_bedside(
+        "draft-discharge", str(NOTES_EXAMPLE), "--out", str(out), "--batch-size", "1", *CLI_MODEL_FLAGS
+    )
 
     assert status == 0
     assert f"{len(finished)} unchanged and skipped" in capsys.readouterr().out

@@ -14,14 +14,23 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-
 from conftest import need_shared
 
-CLI_MODEL_FLAGS = ["--dtype", "float32", "--device", "cpu", "--no-progress", "--max-new-tokens", "32",
-                   "--note-tokens", "256"]
+CLI_MODEL_FLAGS = [
+    "--dtype",
+    "float32",
+    "--device",
+    "cpu",
+    "--no-progress",
+    "--max-new-tokens",
+    "32",
+    "--note-tokens",
+    "256",
+]
 
 
 # independent computation from the raw export
+
 
 def load_export(folder: Path) -> dict[str, list[dict]]:
     resources: dict[str, list[dict]] = defaultdict(list)
@@ -80,14 +89,18 @@ def expected_stay(export: dict[str, list[dict]], encounter: dict) -> dict:
     return {
         "admitted": encounter["period"]["start"],
         "discharged": encounter["period"]["end"],
-        "length_of_stay_days": (dt.date.fromisoformat(encounter["period"]["end"][:10])
-                                - dt.date.fromisoformat(encounter["period"]["start"][:10])).days,
+        "length_of_stay_days": (
+            dt.date.fromisoformat(encounter["period"]["end"][:10])
+            - dt.date.fromisoformat(encounter["period"]["start"][:10])
+        ).days,
         "diagnoses": diagnoses,
         "on_admission": {m["id"] for m in admission},
         "at_discharge": {m["id"] for m in discharge},
         "new_codes": discharge_codes - admission_codes,
         "during_stay_only": {m["id"] for m in own if code(m) not in discharge_codes},
-        "procedures": {p["id"] for p in export["Procedure"] if in_stay(p) and p["status"] != "entered-in-error"},
+        "procedures": {
+            p["id"] for p in export["Procedure"] if in_stay(p) and p["status"] != "entered-in-error"
+        },
     }
 
 
@@ -106,8 +119,10 @@ def export(synthea) -> dict[str, list[dict]]:
     # the medication rule below ignores validity and bounds periods: check this export has none
     for request in data["MedicationRequest"]:
         assert "dispenseRequest" not in request
-        assert not any("boundsPeriod" in d.get("timing", {}).get("repeat", {})
-                       for d in request.get("dosageInstruction", []))
+        assert not any(
+            "boundsPeriod" in d.get("timing", {}).get("repeat", {})
+            for d in request.get("dosageInstruction", [])
+        )
     return data
 
 
@@ -127,6 +142,7 @@ def run_bedside(*args: str) -> int:
 
 
 # reading the export
+
 
 def test_synthea_discovers_all_inpatient_stays(synthea, export):
     from assistant.drafting import DraftOptions, read_stays
@@ -152,16 +168,29 @@ def test_synthea_facts_match_ndjson(synthea, export):
         assert stay.admitted == expected["admitted"], encounter["id"]
         assert stay.discharged == expected["discharged"], encounter["id"]
         assert stay.length_of_stay_days == expected["length_of_stay_days"], encounter["id"]
-        facts = {name: [f.to_dict() for f in getattr(stay.medications, name)]
-                 for name in ("on_admission", "at_discharge", "during_stay_only")}
-        assert ids_of([f.to_dict() for f in stay.diagnoses], "Condition/") == expected["diagnoses"], encounter["id"]
-        assert ids_of(facts["on_admission"], "MedicationRequest/") == expected["on_admission"], encounter["id"]
-        assert ids_of(facts["at_discharge"], "MedicationRequest/") == expected["at_discharge"], encounter["id"]
-        assert ids_of(facts["during_stay_only"], "MedicationRequest/") == expected["during_stay_only"], encounter["id"]
-        assert ids_of([f.to_dict() for f in stay.procedures], "Procedure/") == expected["procedures"], encounter["id"]
+        facts = {
+            name: [f.to_dict() for f in getattr(stay.medications, name)]
+            for name in ("on_admission", "at_discharge", "during_stay_only")
+        }
+        assert ids_of([f.to_dict() for f in stay.diagnoses], "Condition/") == expected["diagnoses"], (
+            encounter["id"]
+        )
+        assert ids_of(facts["on_admission"], "MedicationRequest/") == expected["on_admission"], encounter[
+            "id"
+        ]
+        assert ids_of(facts["at_discharge"], "MedicationRequest/") == expected["at_discharge"], encounter[
+            "id"
+        ]
+        assert ids_of(facts["during_stay_only"], "MedicationRequest/") == expected["during_stay_only"], (
+            encounter["id"]
+        )
+        assert ids_of([f.to_dict() for f in stay.procedures], "Procedure/") == expected["procedures"], (
+            encounter["id"]
+        )
 
 
 # drafting the export
+
 
 def test_synthea_drafts_match_ndjson(synthea, export, cli_env, capsys):
     out = cli_env / "drafts"
@@ -175,14 +204,17 @@ def test_synthea_drafts_match_ndjson(synthea, export, cli_env, capsys):
     chosen = chosen[:3]
     flags = [arg for e in chosen for arg in ("--encounter", e["id"])]
 
-    status = run_bedside("draft-discharge", str(synthea), "--out", str(out), "--batch-size", "3", *flags,
-                         *CLI_MODEL_FLAGS)
+    status = run_bedside(
+        "draft-discharge", str(synthea), "--out", str(out), "--batch-size", "3", *flags, *CLI_MODEL_FLAGS
+    )
 
     printed = capsys.readouterr().out
     assert status == 0, printed
     assert "49 stays found, 3 selected: 3 drafted" in printed
-    names = {p["id"]: [part for n in p["name"] for part in (*n.get("given", []), n.get("family", ""))]
-             for p in export["Patient"]}
+    names = {
+        p["id"]: [part for n in p["name"] for part in (*n.get("given", []), n.get("family", ""))]
+        for p in export["Patient"]
+    }
     for encounter in chosen:
         expected = expected_stay(export, encounter)
         draft = json.loads((out / f"{encounter['id']}.json").read_text(encoding="utf-8"))
@@ -203,8 +235,15 @@ def test_synthea_drafts_match_ndjson(synthea, export, cli_env, capsys):
         assert ids_of(sections["procedures"], "Procedure/") == expected["procedures"]
 
         # every sentence of the narrative names a record of this stay and a support score
-        own_ids = {s for facts in (sections["diagnoses"], sections["procedures"]) for f in facts for s in f["sources"]}
-        own_ids |= {n["source"] for n in sections["hospital_course"]["notes"]} | {f"Encounter/{encounter['id']}"}
+        own_ids = {
+            s
+            for facts in (sections["diagnoses"], sections["procedures"])
+            for f in facts
+            for s in f["sources"]
+        }
+        own_ids |= {n["source"] for n in sections["hospital_course"]["notes"]} | {
+            f"Encounter/{encounter['id']}"
+        }
         own_ids |= {s for facts in medications.values() for f in facts for s in f["sources"]}
         own_ids |= {s for f in sections["reason_for_admission"] + sections["allergies"] for s in f["sources"]}
         for sentence in sections["hospital_course"]["sentences"]:
@@ -238,71 +277,130 @@ def test_synthea_drafts_match_ndjson(synthea, export, cli_env, capsys):
 
 # failures in mixed input
 
+
 def _note(text: str) -> dict:
-    return {"attachment": {"contentType": "text/plain; charset=utf-8",
-                           "data": base64.b64encode(text.encode()).decode()}}
+    return {
+        "attachment": {
+            "contentType": "text/plain; charset=utf-8",
+            "data": base64.b64encode(text.encode()).decode(),
+        }
+    }
 
 
 def _encounter(encounter_id: str, patient_ref: str, start: str, end: str | None, code: str = "IMP") -> dict:
     period = {"start": start, **({"end": end} if end else {})}
-    return {"resourceType": "Encounter", "id": encounter_id, "status": "finished",
-            "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": code},
-            "subject": {"reference": patient_ref}, "period": period,
-            "reasonCode": [{"text": "Community-acquired pneumonia"}]}
+    return {
+        "resourceType": "Encounter",
+        "id": encounter_id,
+        "status": "finished",
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": code},
+        "subject": {"reference": patient_ref},
+        "period": period,
+        "reasonCode": [{"text": "Community-acquired pneumonia"}],
+    }
 
 
 def _patient(patient_id: str, given: str, family: str) -> dict:
-    return {"resourceType": "Patient", "id": patient_id, "name": [{"given": [given], "family": family}],
-            "gender": "female", "birthDate": "1950-01-02"}
+    return {
+        "resourceType": "Patient",
+        "id": patient_id,
+        "name": [{"given": [given], "family": family}],
+        "gender": "female",
+        "birthDate": "1950-01-02",
+    }
 
 
 def _condition(condition_id: str, patient_ref: str, encounter_ref: str, onset: str) -> dict:
-    return {"resourceType": "Condition", "id": condition_id, "subject": {"reference": patient_ref},
-            "encounter": {"reference": encounter_ref}, "onsetDateTime": onset,
-            "code": {"text": "Community-acquired pneumonia"},
-            "clinicalStatus": {"coding": [{"code": "active"}]}}
+    return {
+        "resourceType": "Condition",
+        "id": condition_id,
+        "subject": {"reference": patient_ref},
+        "encounter": {"reference": encounter_ref},
+        "onsetDateTime": onset,
+        "code": {"text": "Community-acquired pneumonia"},
+        "clinicalStatus": {"coding": [{"code": "active"}]},
+    }
 
 
 def write_mixed_input(folder: Path) -> None:
     """ndjson for three invented patients plus two Bundles; four records are broken on purpose."""
     folder.mkdir()
-    patients = [_patient("pt-ada", "Ada", "Quillfeather"), _patient("pt-bo", "Bo", "Marrowby"),
-                _patient("pt-cy", "Cy", "Thistledown")]
+    patients = [
+        _patient("pt-ada", "Ada", "Quillfeather"),
+        _patient("pt-bo", "Bo", "Marrowby"),
+        _patient("pt-cy", "Cy", "Thistledown"),
+    ]
     encounters = [
         _encounter("enc-good", "Patient/pt-ada", "2024-01-05T08:00:00+00:00", "2024-01-08T12:00:00+00:00"),
         _encounter("enc-no-end", "Patient/pt-bo", "2024-02-01T08:00:00+00:00", None),
         _encounter("enc-bad-date", "Patient/pt-cy", "2024-13-45T08:00:00+00:00", "2024-03-02T08:00:00+00:00"),
-        _encounter("enc-clinic", "Patient/pt-ada", "2024-01-20T08:00:00+00:00", "2024-01-20T09:00:00+00:00", "AMB"),
+        _encounter(
+            "enc-clinic", "Patient/pt-ada", "2024-01-20T08:00:00+00:00", "2024-01-20T09:00:00+00:00", "AMB"
+        ),
     ]
     (folder / "Patient.ndjson").write_text("".join(json.dumps(p) + "\n" for p in patients))
     (folder / "Encounter.ndjson").write_text("".join(json.dumps(e) + "\n" for e in encounters))
     condition = _condition("cond-good", "Patient/pt-ada", "Encounter/enc-good", "2024-01-05T09:00:00+00:00")
     corrupt = '{"resourceType": "Condition", "id": "cond-cut", "code": {"text": "Asth'
     (folder / "Condition.ndjson").write_text(json.dumps(condition) + "\n" + corrupt + "\n")
-    note = {"resourceType": "DocumentReference", "id": "note-good", "status": "current",
-            "subject": {"reference": "Patient/pt-ada"}, "date": "2024-01-05T10:00:00+00:00",
-            "context": {"encounter": [{"reference": "Encounter/enc-good"}]},
-            "content": [_note("Admitted with fever and cough. Chest X-ray shows right lower lobe consolidation. "
-                              "Treated with amoxicillin; afebrile by day 3 and discharged home.")]}
+    note = {
+        "resourceType": "DocumentReference",
+        "id": "note-good",
+        "status": "current",
+        "subject": {"reference": "Patient/pt-ada"},
+        "date": "2024-01-05T10:00:00+00:00",
+        "context": {"encounter": [{"reference": "Encounter/enc-good"}]},
+        "content": [
+            _note(
+                "Admitted with fever and cough. Chest X-ray shows right lower lobe consolidation. "
+                "Treated with amoxicillin; afebrile by day 3 and discharged home."
+            )
+        ],
+    }
     (folder / "DocumentReference.ndjson").write_text(json.dumps(note) + "\n")
 
     bundle_patient = "urn:uuid:7d6c1a52-0000-4000-8000-000000000001"
     bundle_encounter = "urn:uuid:7d6c1a52-0000-4000-8000-000000000002"
-    good_bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
-        {"fullUrl": bundle_patient, "resource": _patient("pt-dee", "Dee", "Larkspurrow"),
-         "request": {"method": "POST", "url": "Patient"}},
-        {"fullUrl": bundle_encounter, "resource": _encounter("enc-bundle", bundle_patient,
-                                                             "2024-04-01T08:00:00+00:00", "2024-04-03T08:00:00+00:00"),
-         "request": {"method": "POST", "url": "Encounter"}},
-        {"fullUrl": "urn:uuid:7d6c1a52-0000-4000-8000-000000000003",
-         "resource": _condition("cond-bundle", bundle_patient, bundle_encounter, "2024-04-01T09:00:00+00:00"),
-         "request": {"method": "POST", "url": "Condition"}},
-    ]}
-    dangling_bundle = {"resourceType": "Bundle", "type": "collection", "entry": [
-        {"fullUrl": "urn:uuid:7d6c1a52-0000-4000-8000-000000000010",
-         "resource": _encounter("enc-dangling", "urn:uuid:7d6c1a52-0000-4000-8000-0000000000ff",
-                                "2024-05-01T08:00:00+00:00", "2024-05-02T08:00:00+00:00")},
-    ]}
+    good_bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "fullUrl": bundle_patient,
+                "resource": _patient("pt-dee", "Dee", "Larkspurrow"),
+                "request": {"method": "POST", "url": "Patient"},
+            },
+            {
+                "fullUrl": bundle_encounter,
+                "resource": _encounter(
+                    "enc-bundle", bundle_patient, "2024-04-01T08:00:00+00:00", "2024-04-03T08:00:00+00:00"
+                ),
+                "request": {"method": "POST", "url": "Encounter"},
+            },
+            {
+                "fullUrl": "urn:uuid:7d6c1a52-0000-4000-8000-000000000003",
+                "resource": _condition(
+                    "cond-bundle", bundle_patient, bundle_encounter, "2024-04-01T09:00:00+00:00"
+                ),
+                "request": {"method": "POST", "url": "Condition"},
+            },
+        ],
+    }
+    dangling_bundle = {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [
+            {
+                "fullUrl": "urn:uuid:7d6c1a52-0000-4000-8000-000000000010",
+                "resource": _encounter(
+                    "enc-dangling",
+                    "urn:uuid:7d6c1a52-0000-4000-8000-0000000000ff",
+                    "2024-05-01T08:00:00+00:00",
+                    "2024-05-02T08:00:00+00:00",
+                ),
+            },
+        ],
+    }
     (folder / "bundle_good.json").write_text(json.dumps(good_bundle))
     (folder / "bundle_dangling.json").write_text(json.dumps(dangling_bundle))
 
@@ -332,7 +430,9 @@ def test_failures_land_in_errors_file(cli_env, capsys):
     assert "4 failed" in printed
     good = json.loads((out / "enc-good.json").read_text())
     assert ids_of(good["sections"]["diagnoses"], "Condition/") == {"cond-good"}
-    assert [n["source"] for n in good["sections"]["hospital_course"]["notes"]] == ["DocumentReference/note-good"]
+    assert [n["source"] for n in good["sections"]["hospital_course"]["notes"]] == [
+        "DocumentReference/note-good"
+    ]
     # the unreadable line names no patient, so every draft warns that it may be missing a resource
     assert any(f["type"] == "incomplete_input" for f in good["flags"])
     bundle = json.loads((out / "enc-bundle.json").read_text())

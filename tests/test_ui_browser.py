@@ -73,8 +73,10 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def server(browser, demo_index_dir, tmp_path_factory):
+def server(browser, request, tmp_path_factory):
     """`launch.py` on a free loopback port with no users file at start; stopped after the module."""
+    # requested here, after the browser check, so a skipped run builds no index
+    demo_index_dir = request.getfixturevalue("demo_index_dir")
     folder = tmp_path_factory.mktemp("ui-server")
     users_file = folder / "users.json"
     port = free_port()

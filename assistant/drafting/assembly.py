@@ -33,7 +33,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from assistant.drafting.fhir import FhirInput, FhirRecord
-from assistant.drafting.stay import Fact, Medications, Note, ReadResult, RecordError, Stay, StayError, parse_time
+from assistant.drafting.stay import (
+    Fact,
+    Medications,
+    Note,
+    ReadResult,
+    RecordError,
+    Stay,
+    StayError,
+    parse_time,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +78,13 @@ class _Links:
     reported: set[int] = field(default_factory=set)
 
 
-def stays_from_fhir(data: FhirInput, *, include_emergency: bool = False, encounter_ids: list[str] | None = None,
-                    limit: int | None = None) -> ReadResult:
+def stays_from_fhir(
+    data: FhirInput,
+    *,
+    include_emergency: bool = False,
+    encounter_ids: list[str] | None = None,
+    limit: int | None = None,
+) -> ReadResult:
     """Find the ended inpatient (and optionally emergency) stays and assemble the selected ones."""
     errors = list(data.errors)
     links = _index_links(data)
@@ -83,18 +97,27 @@ def stays_from_fhir(data: FhirInput, *, include_emergency: bool = False, encount
         if wanted is not None and record.id in wanted:
             wanted[record.id] = record
             if kind is None:
-                errors.append(RecordError(
-                    reason=f"encounter {record.id} has class {_class_code(record.resource)!r}; only inpatient "
-                           "stays (and emergency ones with --include-emergency) are drafted",
-                    encounter_id=record.id, resource=record.key, file=record.file, line=record.line))
+                errors.append(
+                    RecordError(
+                        reason=f"encounter {record.id} has class {_class_code(record.resource)!r}; only "
+                        "inpatient stays (and emergency ones with --include-emergency) are drafted",
+                        encounter_id=record.id,
+                        resource=record.key,
+                        file=record.file,
+                        line=record.line,
+                    )
+                )
         if kind is not None and record.resource.get("status") not in NOT_A_STAY_STATUSES:
             candidates.append((record, kind))
     candidates.sort(key=lambda item: (_sort_time(item[0].resource), item[0].id))
     discovered = len(candidates)
     if wanted is not None:
         for missing in [key for key, value in wanted.items() if value is None]:
-            errors.append(RecordError(reason=f"encounter {missing} is not in the input; check the id",
-                                      encounter_id=missing))
+            errors.append(
+                RecordError(
+                    reason=f"encounter {missing} is not in the input; check the id", encounter_id=missing
+                )
+            )
         candidates = [item for item in candidates if item[0].id in wanted]
 
     # stays that have not ended yet are not drafted and not failures
@@ -114,13 +137,27 @@ def stays_from_fhir(data: FhirInput, *, include_emergency: bool = False, encount
         try:
             stay = _assemble(record, kind, data, links)
         except StayError as err:
-            errors.append(RecordError(reason=str(err), encounter_id=record.id, resource=record.key,
-                                      file=record.file, line=record.line))
+            errors.append(
+                RecordError(
+                    reason=str(err),
+                    encounter_id=record.id,
+                    resource=record.key,
+                    file=record.file,
+                    line=record.line,
+                )
+            )
             continue
         except ValueError as err:
             # the R4B models raise plain ValueErrors for a few malformed values (e.g. base64)
-            errors.append(RecordError(reason=f"{record.key}: {err}", encounter_id=record.id,
-                                      resource=record.key, file=record.file, line=record.line))
+            errors.append(
+                RecordError(
+                    reason=f"{record.key}: {err}",
+                    encounter_id=record.id,
+                    resource=record.key,
+                    file=record.file,
+                    line=record.line,
+                )
+            )
             continue
         stays.append(stay)
     _attribute_unreadable(data, stays, errors)
@@ -128,12 +165,20 @@ def stays_from_fhir(data: FhirInput, *, include_emergency: bool = False, encount
     for index, problem in links.problems.items():
         if index not in links.reported:
             record = data.records[index]
-            errors.append(RecordError(reason=problem, resource=record.key, file=record.file, line=record.line))
-    return ReadResult(stays=stays, errors=errors, discovered=discovered, not_ended=not_ended,
-                      unreadable_lines=len(data.unreadable))
+            errors.append(
+                RecordError(reason=problem, resource=record.key, file=record.file, line=record.line)
+            )
+    return ReadResult(
+        stays=stays,
+        errors=errors,
+        discovered=discovered,
+        not_ended=not_ended,
+        unreadable_lines=len(data.unreadable),
+    )
 
 
 # indexing
+
 
 def _index_links(data: FhirInput) -> _Links:
     links = _Links()
@@ -153,8 +198,10 @@ def _index_links(data: FhirInput) -> _Links:
             try:
                 encounter = data.resolve(reference)
             except StayError as err:
-                links.problems.setdefault(index, f"{record.key} at {record.where()}: encounter {err}; it is "
-                                                 "not attached to any stay")
+                links.problems.setdefault(
+                    index,
+                    f"{record.key} at {record.where()}: encounter {err}; it is not attached to any stay",
+                )
                 continue
             if encounter is not None:
                 links.by_encounter[encounter.key].append(record)
@@ -168,7 +215,9 @@ def _encounter_references(raw: dict[str, Any]) -> list[str]:
     context = raw.get("context")
     if isinstance(context, dict):
         # DocumentReference (R4): context.encounter is a list of references
-        references += [ref.get("reference") for ref in context.get("encounter") or [] if isinstance(ref, dict)]
+        references += [
+            ref.get("reference") for ref in context.get("encounter") or [] if isinstance(ref, dict)
+        ]
     return [ref for ref in references if ref]
 
 
@@ -212,19 +261,31 @@ def _attribute_unreadable(data: FhirInput, stays: list[Stay], errors: list[Recor
         for stay in stays:
             if stay.encounter_id in text:
                 failed.add(stay.encounter_id)
-                errors.append(RecordError(
-                    reason=f"{error.file} line {error.line} mentions this encounter but is not valid JSON, so a "
-                           "resource of the stay is missing; fix the line and rerun",
-                    encounter_id=stay.encounter_id, resource=stay.encounter_source, file=error.file,
-                    line=error.line))
+                errors.append(
+                    RecordError(
+                        reason=f"{error.file} line {error.line} mentions this encounter but is not valid "
+                        "JSON, so a resource of the stay is missing; fix the line and rerun",
+                        encounter_id=stay.encounter_id,
+                        resource=stay.encounter_source,
+                        file=error.file,
+                        line=error.line,
+                    )
+                )
             elif not named_patients or stay.patient_id in named_patients:
-                stay.flags.append({"type": "incomplete_input", "detail": (
-                    f"{error.file} line {error.line} could not be read and may hold a resource of this "
-                    "patient; check it before relying on the lists below")})
+                stay.flags.append(
+                    {
+                        "type": "incomplete_input",
+                        "detail": (
+                            f"{error.file} line {error.line} could not be read and may hold a resource of "
+                            "this patient; check it before relying on the lists below"
+                        ),
+                    }
+                )
     stays[:] = [stay for stay in stays if stay.encounter_id not in failed]
 
 
 # one stay
+
 
 def _assemble(record: FhirRecord, kind: str, data: FhirInput, links: _Links) -> Stay:
     data.model(record)
@@ -234,8 +295,10 @@ def _assemble(record: FhirRecord, kind: str, data: FhirInput, links: _Links) -> 
     if not period.get("start"):
         raise StayError(f"{key} has no period.start, so the admission time is unknown; add it")
     if not period.get("end"):
-        raise StayError(f"{key} has status {raw.get('status')!r} but no period.end, so the discharge time is "
-                        "unknown; add period.end, or set status to in-progress if the stay has not ended")
+        raise StayError(
+            f"{key} has status {raw.get('status')!r} but no period.end, so the discharge time is "
+            "unknown; add period.end, or set status to in-progress if the stay has not ended"
+        )
     admitted_at = parse_time(period["start"], what=f"{key} period.start")
     discharged_at = parse_time(period["end"], end=True, what=f"{key} period.end")
     if discharged_at < admitted_at:
@@ -249,9 +312,16 @@ def _assemble(record: FhirRecord, kind: str, data: FhirInput, links: _Links) -> 
     own = _own_records(record, patient_record, admitted_at, discharged_at, data, links)
     patient_records = links.by_patient.get(patient_record.key, [])
     stay = Stay(
-        encounter_id=record.id, patient_id=patient_record.id, encounter_source=key,
-        patient_source=patient_record.key, kind=kind, admitted=period["start"], discharged=period["end"],
-        admitted_at=admitted_at, discharged_at=discharged_at, origin=record.where(),
+        encounter_id=record.id,
+        patient_id=patient_record.id,
+        encounter_source=key,
+        patient_source=patient_record.key,
+        kind=kind,
+        admitted=period["start"],
+        discharged=period["end"],
+        admitted_at=admitted_at,
+        discharged_at=discharged_at,
+        origin=record.where(),
         patient=_patient_facts(patient_record.resource),
     )
     stay.patient["encounter"] = _encounter_facts(raw)
@@ -260,11 +330,15 @@ def _assemble(record: FhirRecord, kind: str, data: FhirInput, links: _Links) -> 
     stay.reasons = _reasons(record, data)
     stay.diagnoses = _diagnoses(own["Condition"], usable["Condition"], admitted_at, discharged_at)
     stay.procedures = _procedures(own["Procedure"])
-    stay.medications = _medications(own["MedicationRequest"], usable["MedicationRequest"], admitted_at,
-                                    discharged_at, data)
+    stay.medications = _medications(
+        own["MedicationRequest"], usable["MedicationRequest"], admitted_at, discharged_at, data
+    )
     stay.allergies = _allergies(usable["AllergyIntolerance"], discharged_at)
-    stay.immunizations = _group([r for r in own["Immunization"] if r.resource.get("status") == "completed"],
-                                lambda r: r.resource.get("vaccineCode"), ("occurrenceDateTime",))
+    stay.immunizations = _group(
+        [r for r in own["Immunization"] if r.resource.get("status") == "completed"],
+        lambda r: r.resource.get("vaccineCode"),
+        ("occurrenceDateTime",),
+    )
     stay.notes = _notes(own["DocumentReference"], stay)
     stay.follow_up = _follow_up(stay, own, usable["CarePlan"], discharged_at)
 
@@ -282,20 +356,29 @@ def _resolve(data: FhirInput, reference: str | None, what: str) -> FhirRecord | 
         raise StayError(f"{what}: {err}") from err
 
 
-def _own_records(encounter: FhirRecord, patient: FhirRecord, start: dt.datetime, end: dt.datetime,
-                 data: FhirInput, links: _Links) -> dict[str, list[FhirRecord]]:
+def _own_records(
+    encounter: FhirRecord,
+    patient: FhirRecord,
+    start: dt.datetime,
+    end: dt.datetime,
+    data: FhirInput,
+    links: _Links,
+) -> dict[str, list[FhirRecord]]:
     """The stay's own resources: linked by encounter reference, or by time when they have none."""
     own: dict[str, list[FhirRecord]] = defaultdict(list)
     for record in links.by_encounter.get(encounter.key, []):
         if record.position in links.problems:
             links.reported.add(record.position)
-            raise StayError(f"{links.problems[record.position]}; it is linked to this stay, so the stay was not "
-                            "drafted")
+            raise StayError(
+                f"{links.problems[record.position]}; it is linked to this stay, so the stay was not drafted"
+            )
         data.model(record)
         subject = (record.resource.get("subject") or record.resource.get("patient") or {}).get("reference")
         if _resolve(data, subject, f"{record.key} subject") is not patient:
-            raise StayError(f"{record.key} is linked to {encounter.key} but its subject is {subject!r}, not "
-                            f"{patient.key}; fix the reference so the draft does not mix two patients")
+            raise StayError(
+                f"{record.key} is linked to {encounter.key} but its subject is {subject!r}, not "
+                f"{patient.key}; fix the reference so the draft does not mix two patients"
+            )
         own[record.type].append(record)
     for record in links.by_patient.get(patient.key, []):
         if record.type in TIME_FIELDS and not _encounter_references(record.resource):
@@ -306,9 +389,10 @@ def _own_records(encounter: FhirRecord, patient: FhirRecord, start: dt.datetime,
     return own
 
 
-def _validated_patient_records(records: list[FhirRecord], own: dict[str, list[FhirRecord]], data: FhirInput,
-                               links: _Links, stay: Stay) -> dict[str, list[FhirRecord]]:
-    """Validate the patient's records that feed patient-level sections; invalid ones are reported and flagged."""
+def _validated_patient_records(
+    records: list[FhirRecord], own: dict[str, list[FhirRecord]], data: FhirInput, links: _Links, stay: Stay
+) -> dict[str, list[FhirRecord]]:
+    """Validate the patient's records that feed patient-level sections; report and flag invalid ones."""
     usable: dict[str, list[FhirRecord]] = defaultdict(list)
     own_ids = {id(r) for rows in own.values() for r in rows}
     for record in records:
@@ -321,9 +405,14 @@ def _validated_patient_records(records: list[FhirRecord], own: dict[str, list[Fh
             data.model(record)
         except (StayError, ValueError) as err:
             links.problems.setdefault(record.position, str(err))
-            stay.flags.append({"type": "incomplete_input", "resource": record.key,
-                               "detail": f"{record.key} of this patient is not valid FHIR and was left out; "
-                                         "the lists below may be incomplete (see errors.jsonl)"})
+            stay.flags.append(
+                {
+                    "type": "incomplete_input",
+                    "resource": record.key,
+                    "detail": f"{record.key} of this patient is not valid FHIR and was left out; "
+                    "the lists below may be incomplete (see errors.jsonl)",
+                }
+            )
             continue
         usable[record.type].append(record)
     # the stay's own Conditions count as the patient's too
@@ -334,6 +423,7 @@ def _validated_patient_records(records: list[FhirRecord], own: dict[str, list[Fh
 
 
 # field helpers
+
 
 def _get(raw: dict[str, Any], path: str) -> Any:
     value: Any = raw
@@ -377,8 +467,9 @@ def _status_code(concept: dict[str, Any] | None) -> str | None:
     return None
 
 
-def _group(records: list[FhirRecord], concept_of: Any, time_paths: tuple[str, ...],
-           status: str | None = None) -> list[Fact]:
+def _group(
+    records: list[FhirRecord], concept_of: Any, time_paths: tuple[str, ...], status: str | None = None
+) -> list[Fact]:
     """One fact per code (or text), listing every record that carries it, earliest time first."""
     groups: dict[str, list[FhirRecord]] = {}
     for record in records:
@@ -389,16 +480,22 @@ def _group(records: list[FhirRecord], concept_of: Any, time_paths: tuple[str, ..
     for rows in groups.values():
         rows.sort(key=lambda r: (_first_time(r.resource, time_paths) or "", r.key))
         concept = concept_of(rows[0])
-        facts.append(Fact(
-            text=_concept_text(concept), sources=[r.key for r in rows], code=_concept_code(concept),
-            date=_first_time(rows[0].resource, time_paths), status=status,
-            detail=f"{len(rows)} times" if len(rows) > 1 else None,
-        ))
+        facts.append(
+            Fact(
+                text=_concept_text(concept),
+                sources=[r.key for r in rows],
+                code=_concept_code(concept),
+                date=_first_time(rows[0].resource, time_paths),
+                status=status,
+                detail=f"{len(rows)} times" if len(rows) > 1 else None,
+            )
+        )
     facts.sort(key=lambda f: (f.date or "", f.text))
     return facts
 
 
 # sections
+
 
 def _patient_facts(raw: dict[str, Any]) -> dict[str, Any]:
     names = raw.get("name") or []
@@ -411,7 +508,9 @@ def _encounter_facts(raw: dict[str, Any]) -> dict[str, Any]:
     types = [_concept_text(t) for t in raw.get("type") or []]
     disposition = _get(raw, "hospitalization.dischargeDisposition")
     return {
-        "class": _class_code(raw), "status": raw.get("status"), "type": types[0] if types else None,
+        "class": _class_code(raw),
+        "status": raw.get("status"),
+        "type": types[0] if types else None,
         "service_provider": _get(raw, "serviceProvider.display"),
         "discharge_disposition": _concept_text(disposition) if disposition else None,
     }
@@ -419,16 +518,23 @@ def _encounter_facts(raw: dict[str, Any]) -> dict[str, Any]:
 
 def _reasons(record: FhirRecord, data: FhirInput) -> list[Fact]:
     raw = record.resource
-    reasons = [Fact(text=_concept_text(c), sources=[record.key], code=_concept_code(c))
-               for c in raw.get("reasonCode") or []]
+    reasons = [
+        Fact(text=_concept_text(c), sources=[record.key], code=_concept_code(c))
+        for c in raw.get("reasonCode") or []
+    ]
     for reference in raw.get("reasonReference") or []:
         target = _resolve(data, reference.get("reference"), f"{record.key} reasonReference")
         if target is None:
             reasons.append(Fact(text=reference.get("display") or "(unresolved reason)", sources=[record.key]))
             continue
         data.model(target)
-        reasons.append(Fact(text=_concept_text(target.resource.get("code")), sources=[target.key],
-                            code=_concept_code(target.resource.get("code"))))
+        reasons.append(
+            Fact(
+                text=_concept_text(target.resource.get("code")),
+                sources=[target.key],
+                code=_concept_code(target.resource.get("code")),
+            )
+        )
     return reasons
 
 
@@ -440,8 +546,9 @@ def _abatement(raw: dict[str, Any]) -> str | None:
     return _first_time(raw, ("abatementDateTime", "abatementPeriod.end"))
 
 
-def _diagnoses(own: list[FhirRecord], conditions: list[FhirRecord], start: dt.datetime,
-               end: dt.datetime) -> list[Fact]:
+def _diagnoses(
+    own: list[FhirRecord], conditions: list[FhirRecord], start: dt.datetime, end: dt.datetime
+) -> list[Fact]:
     own_ids = {id(r) for r in own}
     chosen: list[tuple[FhirRecord, bool]] = []
     for record in conditions:
@@ -456,14 +563,17 @@ def _diagnoses(own: list[FhirRecord], conditions: list[FhirRecord], start: dt.da
             active = _status_code(raw.get("clinicalStatus")) in ACTIVE_CONDITION
         else:
             active = parse_time(onset, what=f"{record.key} onset") <= end and (
-                abated is None or parse_time(abated, end=True, what=f"{record.key} abatement") >= start)
+                abated is None or parse_time(abated, end=True, what=f"{record.key} abatement") >= start
+            )
         if active:
             chosen.append((record, False))
 
     groups: dict[str, list[tuple[FhirRecord, bool]]] = {}
     for record, this_stay in chosen:
         concept = record.resource.get("code")
-        groups.setdefault(_concept_code(concept) or _concept_text(concept).casefold(), []).append((record, this_stay))
+        groups.setdefault(_concept_code(concept) or _concept_text(concept).casefold(), []).append(
+            (record, this_stay)
+        )
     facts = []
     for rows in groups.values():
         rows.sort(key=lambda row: (_onset(row[0].resource) or "", row[0].key))
@@ -473,9 +583,16 @@ def _diagnoses(own: list[FhirRecord], conditions: list[FhirRecord], start: dt.da
         detail = "recorded in this stay" if this_stay else "present during the stay"
         if abated:
             detail += f"; abated {max(abated)[:10]}"
-        facts.append(Fact(text=_concept_text(first.get("code")), sources=[r.key for r, _ in rows],
-                          code=_concept_code(first.get("code")), date=_onset(first),
-                          status=_status_code(first.get("clinicalStatus")), detail=detail))
+        facts.append(
+            Fact(
+                text=_concept_text(first.get("code")),
+                sources=[r.key for r, _ in rows],
+                code=_concept_code(first.get("code")),
+                date=_onset(first),
+                status=_status_code(first.get("clinicalStatus")),
+                detail=detail,
+            )
+        )
     facts.sort(key=lambda f: (f.detail is None or not f.detail.startswith("recorded"), f.date or "", f.text))
     return facts
 
@@ -515,7 +632,9 @@ def _dosage_text(raw: dict[str, Any]) -> str | None:
                 pieces.append(f"{quantity['value']:g} {quantity.get('unit', 'dose')}".strip())
         repeat = _get(dosage, "timing.repeat") or {}
         if repeat.get("frequency") and repeat.get("period"):
-            pieces.append(f"{repeat['frequency']}x every {repeat['period']:g} {repeat.get('periodUnit', '')}".strip())
+            pieces.append(
+                f"{repeat['frequency']}x every {repeat['period']:g} {repeat.get('periodUnit', '')}".strip()
+            )
         if dosage.get("asNeededBoolean"):
             pieces.append("as needed")
         if pieces:
@@ -544,10 +663,17 @@ def medication_ongoing_at(raw: dict[str, Any], moment: dt.datetime) -> bool:
     return status in ONGOING_MEDICATION_STATUSES
 
 
-def _medications(own: list[FhirRecord], patient_requests: list[FhirRecord], start: dt.datetime,
-                 end: dt.datetime, data: FhirInput) -> Medications:
+def _medications(
+    own: list[FhirRecord],
+    patient_requests: list[FhirRecord],
+    start: dt.datetime,
+    end: dt.datetime,
+    data: FhirInput,
+) -> Medications:
     own_ids = {id(r) for r in own}
-    admission = [r for r in patient_requests if id(r) not in own_ids and medication_ongoing_at(r.resource, start)]
+    admission = [
+        r for r in patient_requests if id(r) not in own_ids and medication_ongoing_at(r.resource, start)
+    ]
     discharge = [r for r in [*own, *admission] if medication_ongoing_at(r.resource, end)]
 
     def by_drug(records: list[FhirRecord]) -> dict[str, list[FhirRecord]]:
@@ -559,8 +685,14 @@ def _medications(own: list[FhirRecord], patient_requests: list[FhirRecord], star
 
     def fact(rows: list[FhirRecord], status: str | None) -> Fact:
         concept = _drug_concept(rows[-1], data)
-        return Fact(text=_concept_text(concept), sources=[r.key for r in rows], code=_concept_code(concept),
-                    date=rows[-1].resource.get("authoredOn"), status=status, detail=_dosage_text(rows[-1].resource))
+        return Fact(
+            text=_concept_text(concept),
+            sources=[r.key for r in rows],
+            code=_concept_code(concept),
+            date=rows[-1].resource.get("authoredOn"),
+            status=status,
+            detail=_dosage_text(rows[-1].resource),
+        )
 
     on_admission, at_discharge, during = by_drug(admission), by_drug(discharge), by_drug(own)
     medications = Medications()
@@ -573,9 +705,14 @@ def _medications(own: list[FhirRecord], patient_requests: list[FhirRecord], star
         else:
             status = "continued"
         medications.at_discharge.append(fact(rows, status))
-    medications.stopped = [fact(rows, "stopped") for drug, rows in on_admission.items() if drug not in at_discharge]
-    medications.during_stay_only = [fact(rows, "not continued after discharge")
-                                    for drug, rows in during.items() if drug not in at_discharge]
+    medications.stopped = [
+        fact(rows, "stopped") for drug, rows in on_admission.items() if drug not in at_discharge
+    ]
+    medications.during_stay_only = [
+        fact(rows, "not continued after discharge")
+        for drug, rows in during.items()
+        if drug not in at_discharge
+    ]
     return medications
 
 
@@ -596,16 +733,24 @@ def _allergies(records: list[FhirRecord], end: dt.datetime) -> list[Fact]:
             severity = f" ({reaction['severity']})" if reaction.get("severity") else ""
             if manifestations:
                 reactions.append(manifestations + severity)
-        facts.append(Fact(text=_concept_text(raw.get("code")), sources=[record.key], code=_concept_code(raw.get("code")),
-                          date=recorded, status=raw.get("criticality"),
-                          detail=("reaction: " + "; ".join(reactions)) if reactions else None))
+        facts.append(
+            Fact(
+                text=_concept_text(raw.get("code")),
+                sources=[record.key],
+                code=_concept_code(raw.get("code")),
+                date=recorded,
+                status=raw.get("criticality"),
+                detail=("reaction: " + "; ".join(reactions)) if reactions else None,
+            )
+        )
     return facts
 
 
 def _notes(records: list[FhirRecord], stay: Stay) -> list[Note]:
     notes = []
-    for record in sorted(records, key=lambda r: (_first_time(r.resource, TIME_FIELDS["DocumentReference"]) or "",
-                                                 r.key)):
+    for record in sorted(
+        records, key=lambda r: (_first_time(r.resource, TIME_FIELDS["DocumentReference"]) or "", r.key)
+    ):
         raw = record.resource
         if raw.get("status") == "entered-in-error":
             continue
@@ -614,38 +759,67 @@ def _notes(records: list[FhirRecord], stay: Stay) -> list[Note]:
             attachment = content.get("attachment") or {}
             kind = (attachment.get("contentType") or "text/plain").split(";")[0].strip()
             if not kind.startswith("text/"):
-                stay.flags.append({"type": "note_not_read", "source": record.key,
-                                   "detail": f"attachment {position} is {kind}, not text; it was not read"})
+                stay.flags.append(
+                    {
+                        "type": "note_not_read",
+                        "source": record.key,
+                        "detail": f"attachment {position} is {kind}, not text; it was not read",
+                    }
+                )
                 continue
             if attachment.get("data") is None:
-                stay.flags.append({"type": "note_not_read", "source": record.key,
-                                   "detail": f"attachment {position} has no inline data (url only); not fetched"})
+                stay.flags.append(
+                    {
+                        "type": "note_not_read",
+                        "source": record.key,
+                        "detail": f"attachment {position} has no inline data (url only); not fetched",
+                    }
+                )
                 continue
             try:
                 texts.append(base64.b64decode(attachment["data"], validate=True).decode("utf-8"))
             except (binascii.Error, ValueError) as err:
-                raise StayError(f"{record.key} at {record.where()}: attachment {position} is not base64-encoded "
-                                f"UTF-8 text ({err}); fix the note") from err
+                raise StayError(
+                    f"{record.key} at {record.where()}: attachment {position} is not base64-encoded "
+                    f"UTF-8 text ({err}); fix the note"
+                ) from err
         text = "\n".join(t.strip() for t in texts if t.strip())
         if text:
             author = next((a.get("display") for a in raw.get("author") or [] if a.get("display")), None)
-            notes.append(Note(source=record.key, text=text, author=author,
-                              time=_first_time(raw, TIME_FIELDS["DocumentReference"]),
-                              title=_concept_text(raw.get("type")) if raw.get("type") else None))
+            notes.append(
+                Note(
+                    source=record.key,
+                    text=text,
+                    author=author,
+                    time=_first_time(raw, TIME_FIELDS["DocumentReference"]),
+                    title=_concept_text(raw.get("type")) if raw.get("type") else None,
+                )
+            )
     return notes
 
 
-def _follow_up(stay: Stay, own: dict[str, list[FhirRecord]], care_plans: list[FhirRecord],
-               end: dt.datetime) -> list[Fact]:
+def _follow_up(
+    stay: Stay, own: dict[str, list[FhirRecord]], care_plans: list[FhirRecord], end: dt.datetime
+) -> list[Fact]:
     items = []
     for record in own["ServiceRequest"]:
         if record.resource.get("status") in PENDING_REQUEST:
-            items.append(Fact(text=f"Pending request: {_concept_text(record.resource.get('code'))}",
-                              sources=[record.key], status=record.resource.get("status")))
+            items.append(
+                Fact(
+                    text=f"Pending request: {_concept_text(record.resource.get('code'))}",
+                    sources=[record.key],
+                    status=record.resource.get("status"),
+                )
+            )
     for record in own["Procedure"]:
         if record.resource.get("status") in PENDING_PROCEDURE:
-            items.append(Fact(text=f"Pending procedure: {_concept_text(record.resource.get('code'))}",
-                              sources=[record.key], status=record.resource.get("status")))
+            items.append(
+                Fact(
+                    text=f"Pending procedure: {_concept_text(record.resource.get('code'))}",
+                    sources=[record.key],
+                    status=record.resource.get("status"),
+                )
+            )
     for record in care_plans:
         raw = record.resource
         started = _first_time(raw, ("period.start", "created"))
@@ -654,13 +828,21 @@ def _follow_up(stay: Stay, own: dict[str, list[FhirRecord]], care_plans: list[Fh
             continue
         if finished and parse_time(finished, end=True) < end:
             continue
-        title = raw.get("title") or ", ".join(_concept_text(c) for c in raw.get("category") or []) or "care plan"
+        title = (
+            raw.get("title") or ", ".join(_concept_text(c) for c in raw.get("category") or []) or "care plan"
+        )
         items.append(Fact(text=f"Care plan: {title}", sources=[record.key], status="active"))
     for fact in stay.diagnoses:
         if fact.detail == "recorded in this stay":
-            items.append(Fact(text=f"Review at follow-up: {fact.text} (diagnosed in this stay, not abated)",
-                              sources=list(fact.sources)))
+            items.append(
+                Fact(
+                    text=f"Review at follow-up: {fact.text} (diagnosed in this stay, not abated)",
+                    sources=list(fact.sources),
+                )
+            )
     for fact in stay.medications.at_discharge:
         if fact.status in {"new", "changed"}:
-            items.append(Fact(text=f"Review {fact.status} medication: {fact.text}", sources=list(fact.sources)))
+            items.append(
+                Fact(text=f"Review {fact.status} medication: {fact.text}", sources=list(fact.sources))
+            )
     return items

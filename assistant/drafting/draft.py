@@ -19,8 +19,15 @@ DRAFT_NOTICE = (
 )
 
 
-def build_draft(stay: Stay, narrative: Narrative, fitted: list[FittedNote], recommendations: Recommendations,
-                flags: list[dict[str, Any]], provenance: dict[str, Any], input_hash: str) -> dict[str, Any]:
+def build_draft(
+    stay: Stay,
+    narrative: Narrative,
+    fitted: list[FittedNote],
+    recommendations: Recommendations,
+    flags: list[dict[str, Any]],
+    provenance: dict[str, Any],
+    input_hash: str,
+) -> dict[str, Any]:
     """Assemble the JSON record of one draft (timings and audit id are added by the caller)."""
     facts = lambda items: [fact.to_dict() for fact in items]  # noqa: E731
     return {
@@ -33,10 +40,17 @@ def build_draft(stay: Stay, narrative: Narrative, fitted: list[FittedNote], reco
         "origin": stay.origin,
         "sections": {
             "patient_and_stay": {
-                "patient": {"id": stay.patient_id, "source": stay.patient_source,
-                            **{k: v for k, v in stay.patient.items() if k != "encounter"}},
-                "encounter": {"id": stay.encounter_id, "source": stay.encounter_source, "kind": stay.kind,
-                              **stay.patient.get("encounter", {})},
+                "patient": {
+                    "id": stay.patient_id,
+                    "source": stay.patient_source,
+                    **{k: v for k, v in stay.patient.items() if k != "encounter"},
+                },
+                "encounter": {
+                    "id": stay.encounter_id,
+                    "source": stay.encounter_source,
+                    "kind": stay.kind,
+                    **stay.patient.get("encounter", {}),
+                },
                 "admitted": stay.admitted,
                 "discharged": stay.discharged,
                 "length_of_stay_days": stay.length_of_stay_days,
@@ -47,8 +61,15 @@ def build_draft(stay: Stay, narrative: Narrative, fitted: list[FittedNote], reco
             "procedures": facts(stay.procedures),
             "hospital_course": {
                 **narrative.to_dict(),
-                "notes": [{"source": n.source, "tokens": n.tokens, "kept_tokens": n.kept_tokens,
-                           "truncated": n.truncated} for n in fitted],
+                "notes": [
+                    {
+                        "source": n.source,
+                        "tokens": n.tokens,
+                        "kept_tokens": n.kept_tokens,
+                        "truncated": n.truncated,
+                    }
+                    for n in fitted
+                ],
             },
             "medications": stay.medications.to_dict(),
             "allergies": facts(stay.allergies),
@@ -64,6 +85,7 @@ def build_draft(stay: Stay, narrative: Narrative, fitted: list[FittedNote], reco
 
 # Markdown
 
+
 def _days(count: int) -> str:
     return f"{count} day" if count == 1 else f"{count} days"
 
@@ -74,7 +96,9 @@ def _source_ids(fact: Fact) -> str:
 
 
 def _fact_line(fact: Fact) -> str:
-    extras = [part for part in (fact.detail, fact.status, f"since {fact.date[:10]}" if fact.date else None) if part]
+    extras = [
+        part for part in (fact.detail, fact.status, f"since {fact.date[:10]}" if fact.date else None) if part
+    ]
     extra = f" ({'; '.join(extras)})" if extras else ""
     return f"- {fact.text}{extra} — {_source_ids(fact)}"
 
@@ -91,15 +115,19 @@ def render_markdown(draft: dict[str, Any], stay: Stay) -> str:
     stay_info = sections["patient_and_stay"]
     patient, encounter = stay_info["patient"], stay_info["encounter"]
     lines = [
-        f"# DRAFT discharge summary — encounter {stay.encounter_id}", "",
-        f"> **{DRAFT_NOTICE}**", "",
-        "## Patient and stay", "",
+        f"# DRAFT discharge summary — encounter {stay.encounter_id}",
+        "",
+        f"> **{DRAFT_NOTICE}**",
+        "",
+        "## Patient and stay",
+        "",
         f"- Patient: {patient.get('name') or '(name not recorded)'}, id `{stay.patient_id}`"
         + (f", born {patient['birth_date']}" if patient.get("birth_date") else "")
         + (f", {patient['gender']}" if patient.get("gender") else ""),
         f"- Encounter: `{stay.encounter_source}` ({stay.kind}"
         + (f", {encounter['type']}" if encounter.get("type") else "")
-        + (f", {encounter['service_provider']}" if encounter.get("service_provider") else "") + ")",
+        + (f", {encounter['service_provider']}" if encounter.get("service_provider") else "")
+        + ")",
         f"- Admitted: {stay.admitted}",
         f"- Discharged: {stay.discharged}",
         f"- Length of stay: {_days(stay.length_of_stay_days)} ({stay.duration_hours} hours)",
@@ -116,25 +144,36 @@ def render_markdown(draft: dict[str, Any], stay: Stay) -> str:
     if course["sentences"]:
         for sentence in course["sentences"]:
             mark = "" if sentence["supported"] else " **[unsupported — verify]**"
-            lines.append(f"- {sentence['text']}{mark} _(source `{sentence['source']}`, support "
-                         f"{sentence['support']:.2f})_")
+            lines.append(
+                f"- {sentence['text']}{mark} _(source `{sentence['source']}`, support "
+                f"{sentence['support']:.2f})_"
+            )
     else:
         lines.append("_The model wrote no hospital course; write it from the notes._")
     lines.append("")
 
     meds = stay.medications
     lines += ["## Medications", ""]
-    lines += ["**At discharge**", ""] + ([_fact_line(f) for f in meds.at_discharge] or ["_None recorded._"]) + [""]
+    lines += (
+        ["**At discharge**", ""] + ([_fact_line(f) for f in meds.at_discharge] or ["_None recorded._"]) + [""]
+    )
     if meds.stopped:
-        lines += ["**Stopped (taken on admission, not at discharge)**", ""] + [_fact_line(f) for f in meds.stopped]
+        lines += ["**Stopped (taken on admission, not at discharge)**", ""] + [
+            _fact_line(f) for f in meds.stopped
+        ]
         lines.append("")
     if meds.during_stay_only:
-        lines += ["**Given during the stay only**", ""] + [_fact_line(f) for f in meds.during_stay_only] + [""]
+        lines += (
+            ["**Given during the stay only**", ""] + [_fact_line(f) for f in meds.during_stay_only] + [""]
+        )
     lines += _fact_section("Allergies", stay.allergies, "No allergies recorded.")
     if stay.immunizations:
         lines += _fact_section("Immunizations during the stay", stay.immunizations, "")
-    lines += _fact_section("Follow-up and pending items", stay.follow_up,
-                           "No follow-up or pending items are recorded; add the arrangements.")
+    lines += _fact_section(
+        "Follow-up and pending items",
+        stay.follow_up,
+        "No follow-up or pending items are recorded; add the arrangements.",
+    )
 
     lines += ["## Guideline-based recommendations (quoted from the index)", ""]
     if sections["recommendations"]:
@@ -143,10 +182,16 @@ def render_markdown(draft: dict[str, Any], stay: Stay) -> str:
         lines += ["", "Sources:", ""]
         for citation in draft["citations"]:
             where = f"page {citation['page']}" if citation.get("page") else (citation.get("section") or "")
-            details = ", ".join(str(p) for p in (citation.get("issuer"), citation.get("version"),
-                                                  citation.get("date"), where) if p)
-            lines.append(f"[{citation['marker']}] {citation['title']}" + (f" ({details})" if details else "")
-                         + f" — `{citation['chunk_id']}`, similarity {citation['score']:.2f}")
+            details = ", ".join(
+                str(p)
+                for p in (citation.get("issuer"), citation.get("version"), citation.get("date"), where)
+                if p
+            )
+            lines.append(
+                f"[{citation['marker']}] {citation['title']}"
+                + (f" ({details})" if details else "")
+                + f" — `{citation['chunk_id']}`, similarity {citation['score']:.2f}"
+            )
     else:
         lines.append("_None: no indexed guideline is relevant enough to the diagnoses._")
     lines.append("")
@@ -159,8 +204,9 @@ def render_markdown(draft: dict[str, Any], stay: Stay) -> str:
     adapter = prov["adapter"].get("name") or "none (base model)"
     lines += [
         "---",
-        f"DRAFT. Model {prov['model']} ({prov['dtype']}), adapter {adapter}, index {prov['index_version'] or 'none'}, "
-        f"batch size {prov['batch_size']}, input hash `{draft['input_hash'][:16]}`.",
+        f"DRAFT. Model {prov['model']} ({prov['dtype']}), adapter {adapter}, "
+        f"index {prov['index_version'] or 'none'}, batch size {prov['batch_size']}, "
+        f"input hash `{draft['input_hash'][:16]}`.",
         "",
     ]
     return "\n".join(lines)

@@ -20,12 +20,25 @@ from assistant.drafting.stay import RecordError, StayError
 logger = logging.getLogger(__name__)
 
 # Resource types the drafter reads; lines of any other type are skipped unparsed.
-USED_TYPES = frozenset({
-    "Patient", "Encounter", "Condition", "MedicationRequest", "Medication", "Procedure", "AllergyIntolerance",
-    "Immunization", "DocumentReference", "ServiceRequest", "CarePlan",
-})
+USED_TYPES = frozenset(
+    {
+        "Patient",
+        "Encounter",
+        "Condition",
+        "MedicationRequest",
+        "Medication",
+        "Procedure",
+        "AllergyIntolerance",
+        "Immunization",
+        "DocumentReference",
+        "ServiceRequest",
+        "CarePlan",
+    }
+)
 # A literal reference: "Type/id", optionally versioned, optionally after a base URL.
-LITERAL_REFERENCE = re.compile(r"(?:^|/)(?P<type>[A-Z][A-Za-z]+)/(?P<id>[A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?$")
+LITERAL_REFERENCE = re.compile(
+    r"(?:^|/)(?P<type>[A-Z][A-Za-z]+)/(?P<id>[A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?$"
+)
 
 
 @dataclass
@@ -72,10 +85,15 @@ class FhirInput:
         existing = self.by_key.get(record.key)
         if existing is not None:
             if existing.resource != record.resource:
-                self.errors.append(RecordError(
-                    reason=f"{record.key} appears twice with different content (also at {existing.where()}); "
-                           "the first copy is used. Remove the stale copy from the input",
-                    resource=record.key, file=record.file, line=record.line))
+                self.errors.append(
+                    RecordError(
+                        reason=f"{record.key} appears twice with different content (also at "
+                        f"{existing.where()}); the first copy is used. Remove the stale copy from the input",
+                        resource=record.key,
+                        file=record.file,
+                        line=record.line,
+                    )
+                )
             return
         record.position = len(self.records)
         self.records.append(record)
@@ -115,7 +133,9 @@ class FhirInput:
         try:
             model_class = get_fhir_model_class(record.type)
         except KeyError as err:
-            raise StayError(f"{record.key} at {record.where()} has unknown resourceType {record.type!r}") from err
+            raise StayError(
+                f"{record.key} at {record.where()} has unknown resourceType {record.type!r}"
+            ) from err
         try:
             model = model_class.model_validate(record.resource)
         except ValidationError as err:
@@ -135,12 +155,16 @@ def read_fhir(path: Path) -> FhirInput:
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in {".ndjson", ".json"})
         if not files:
-            raise StayError(f"folder {str(path)!r} holds no .ndjson or .json files; pass a FHIR bulk-export "
-                            "folder, a Bundle file, or --format notes for notes JSONL")
+            raise StayError(
+                f"folder {str(path)!r} holds no .ndjson or .json files; pass a FHIR bulk-export "
+                "folder, a Bundle file, or --format notes for notes JSONL"
+            )
     elif path.is_file():
         files = [path]
     else:
-        raise StayError(f"input {str(path)!r} not found; pass a FHIR folder, a Bundle file or a notes JSONL file")
+        raise StayError(
+            f"input {str(path)!r} not found; pass a FHIR folder, a Bundle file or a notes JSONL file"
+        )
 
     data = FhirInput()
     for file in files:
@@ -148,8 +172,12 @@ def read_fhir(path: Path) -> FhirInput:
             _read_ndjson(file, data)
         else:
             _read_json(file, data)
-    logger.info("read %d FHIR resources from %d file(s); %d problem(s)", len(data.records), len(files),
-                len(data.errors))
+    logger.info(
+        "read %d FHIR resources from %d file(s); %d problem(s)",
+        len(data.records),
+        len(files),
+        len(data.errors),
+    )
     return data
 
 
@@ -166,9 +194,12 @@ def _read_ndjson(file: Path, data: FhirInput) -> None:
                 resource = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as err:
                 reason = err.msg if isinstance(err, json.JSONDecodeError) else "not UTF-8"
-                error = RecordError(reason=f"line {number} of {file.name} is not valid JSON ({reason}); "
-                                           "the line was skipped, so its resource is missing from the drafts",
-                                    file=str(file), line=number)
+                error = RecordError(
+                    reason=f"line {number} of {file.name} is not valid JSON ({reason}); "
+                    "the line was skipped, so its resource is missing from the drafts",
+                    file=str(file),
+                    line=number,
+                )
                 data.errors.append(error)
                 data.unreadable.append((error, raw.decode("utf-8", "replace")))
                 continue
@@ -184,8 +215,9 @@ def _read_json(file: Path, data: FhirInput) -> None:
         resource = json.loads(file.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         reason = err.msg if isinstance(err, json.JSONDecodeError) else "not UTF-8"
-        error = RecordError(reason=f"{file.name} is not valid JSON ({reason}); the file was skipped",
-                            file=str(file))
+        error = RecordError(
+            reason=f"{file.name} is not valid JSON ({reason}); the file was skipped", file=str(file)
+        )
         data.errors.append(error)
         data.unreadable.append((error, file.read_bytes().decode("utf-8", "replace")))
         return
@@ -195,8 +227,11 @@ def _read_json(file: Path, data: FhirInput) -> None:
 def _add_resource(resource: Any, data: FhirInput, file: Path, line: int | None) -> None:
     where = f"line {line} of {file.name}" if line is not None else file.name
     if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
-        data.errors.append(RecordError(reason=f"{where} is not a FHIR resource (no resourceType); skipped",
-                                       file=str(file), line=line))
+        data.errors.append(
+            RecordError(
+                reason=f"{where} is not a FHIR resource (no resourceType); skipped", file=str(file), line=line
+            )
+        )
         return
     if resource["resourceType"] == "Bundle":
         _add_bundle(resource, data, file, line)
@@ -209,8 +244,13 @@ def _add_bundle(bundle: dict[str, Any], data: FhirInput, file: Path, line: int |
     name = file.name if line is None else f"{file.name}:{line}"
     entries = bundle.get("entry", [])
     if not isinstance(entries, list):
-        data.errors.append(RecordError(reason=f"Bundle in {name} has an `entry` that is not a list; skipped",
-                                       file=str(file), line=line))
+        data.errors.append(
+            RecordError(
+                reason=f"Bundle in {name} has an `entry` that is not a list; skipped",
+                file=str(file),
+                line=line,
+            )
+        )
         return
     for position, entry in enumerate(entries):
         resource = entry.get("resource") if isinstance(entry, dict) else None
@@ -218,10 +258,21 @@ def _add_bundle(bundle: dict[str, Any], data: FhirInput, file: Path, line: int |
             # transaction DELETE entries carry a request and no resource
             continue
         if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
-            data.errors.append(RecordError(reason=f"entry {position} of the Bundle in {name} is not a FHIR "
-                                                  "resource (no resourceType); skipped", file=str(file), line=line))
+            data.errors.append(
+                RecordError(
+                    reason=f"entry {position} of the Bundle in {name} is not a FHIR "
+                    "resource (no resourceType); skipped",
+                    file=str(file),
+                    line=line,
+                )
+            )
             continue
         if resource["resourceType"] in USED_TYPES:
-            record = FhirRecord(resource, f"{file}#entry[{position}]" if line is None else f"{file}:{line}#entry"
-                                f"[{position}]", None, entry.get("fullUrl"), bundle=name)
+            record = FhirRecord(
+                resource,
+                f"{file}#entry[{position}]" if line is None else f"{file}:{line}#entry[{position}]",
+                None,
+                entry.get("fullUrl"),
+                bundle=name,
+            )
             data.add(record)

@@ -40,8 +40,13 @@ MEDICATION_CHANGES = ("new", "continued", "changed", "stopped")
 STAY_KINDS = ("inpatient", "emergency")
 
 
-def read_notes(path: Path, *, include_emergency: bool = False, encounter_ids: list[str] | None = None,
-               limit: int | None = None) -> ReadResult:
+def read_notes(
+    path: Path,
+    *,
+    include_emergency: bool = False,
+    encounter_ids: list[str] | None = None,
+    limit: int | None = None,
+) -> ReadResult:
     """Read a notes JSONL file; lines that fail become errors and reading goes on."""
     path = Path(path)
     if not path.is_file():
@@ -59,32 +64,52 @@ def read_notes(path: Path, *, include_emergency: bool = False, encounter_ids: li
                 record = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as err:
                 reason = err.msg if isinstance(err, json.JSONDecodeError) else "not UTF-8"
-                errors.append(RecordError(reason=f"line {number} of {path.name} is not valid JSON ({reason}); "
-                                                 "the line was skipped", file=str(path), line=number))
+                errors.append(
+                    RecordError(
+                        reason=f"line {number} of {path.name} is not valid JSON ({reason}); "
+                        "the line was skipped",
+                        file=str(path),
+                        line=number,
+                    )
+                )
                 continue
             encounter_id = record.get("encounter_id") if isinstance(record, dict) else None
             try:
                 stay = stay_from_record(record, f"line {number} of {path.name}")
             except StayError as err:
-                errors.append(RecordError(reason=str(err), encounter_id=encounter_id if isinstance(encounter_id, str)
-                                          else None, file=str(path), line=number))
+                errors.append(
+                    RecordError(
+                        reason=str(err),
+                        encounter_id=encounter_id if isinstance(encounter_id, str) else None,
+                        file=str(path),
+                        line=number,
+                    )
+                )
                 continue
             if stay.kind == "emergency" and not include_emergency:
                 continue
             discovered += 1
             if stay.encounter_id in seen:
-                errors.append(RecordError(
-                    reason=f"encounter_id {stay.encounter_id!r} also appears on line {seen[stay.encounter_id]}; "
-                           "each stay must have its own id", encounter_id=stay.encounter_id, file=str(path),
-                    line=number))
+                errors.append(
+                    RecordError(
+                        reason=f"encounter_id {stay.encounter_id!r} also appears on line "
+                        f"{seen[stay.encounter_id]}; each stay must have its own id",
+                        encounter_id=stay.encounter_id,
+                        file=str(path),
+                        line=number,
+                    )
+                )
                 continue
             seen[stay.encounter_id] = number
             if wanted is None or stay.encounter_id in wanted:
                 stays.append(stay)
     if wanted is not None:
         for missing in sorted(wanted - set(seen)):
-            errors.append(RecordError(reason=f"encounter {missing} is not in {path.name}; check the id",
-                                      encounter_id=missing))
+            errors.append(
+                RecordError(
+                    reason=f"encounter {missing} is not in {path.name}; check the id", encounter_id=missing
+                )
+            )
     stays.sort(key=lambda s: (s.admitted_at, s.encounter_id))
     if limit is not None:
         stays = stays[:limit]
@@ -101,7 +126,9 @@ def _time(value: Any, what: str, *, end: bool = False) -> dt.datetime:
     try:
         moment = dt.datetime.fromisoformat(value.strip())
     except ValueError as err:
-        raise StayError(f"{what} {value!r} is not a valid date; write it as YYYY-MM-DD or YYYY-MM-DDThh:mm") from err
+        raise StayError(
+            f"{what} {value!r} is not a valid date; write it as YYYY-MM-DD or YYYY-MM-DDThh:mm"
+        ) from err
     return moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)
 
 
@@ -119,8 +146,9 @@ def _items(record: dict[str, Any], field: str, where: str) -> list[dict[str, Any
         elif isinstance(item, dict) and isinstance(item.get("name"), str) and item["name"].strip():
             items.append(item)
         else:
-            raise StayError(f"{where}: `{field}[{position}]` must be a non-empty string or an object with a "
-                            "string `name`")
+            raise StayError(
+                f"{where}: `{field}[{position}]` must be a non-empty string or an object with a string `name`"
+            )
     return items
 
 
@@ -138,13 +166,23 @@ def stay_from_record(record: Any, where: str) -> Stay:
     admitted_at = _time(record.get("admitted"), f"{where}: admitted")
     discharged_at = _time(record.get("discharged"), f"{where}: discharged", end=True)
     if discharged_at < admitted_at:
-        raise StayError(f"{where}: discharged ({record['discharged']}) is before admitted ({record['admitted']})")
+        raise StayError(
+            f"{where}: discharged ({record['discharged']}) is before admitted ({record['admitted']})"
+        )
 
     prefix = f"notes:{encounter_id}"
     stay = Stay(
-        encounter_id=encounter_id, patient_id=patient_id, encounter_source=prefix, patient_source=prefix,
-        kind=kind, admitted=record["admitted"], discharged=record["discharged"], admitted_at=admitted_at,
-        discharged_at=discharged_at, origin=where, records=[record],
+        encounter_id=encounter_id,
+        patient_id=patient_id,
+        encounter_source=prefix,
+        patient_source=prefix,
+        kind=kind,
+        admitted=record["admitted"],
+        discharged=record["discharged"],
+        admitted_at=admitted_at,
+        discharged_at=discharged_at,
+        origin=where,
+        records=[record],
         patient={"name": None, "birth_date": None, "gender": None, "encounter": {"class": kind}},
     )
 
@@ -156,21 +194,37 @@ def stay_from_record(record: Any, where: str) -> Stay:
             raise StayError(f"{where}: notes[{position}] must be an object with a non-empty string `text`")
         if note.get("time") is not None:
             _time(note["time"], f"{where}: notes[{position}].time")
-        stay.notes.append(Note(source=f"{prefix}#notes[{position}]", text=note["text"].strip(),
-                               time=note.get("time"), author=note.get("author")))
+        stay.notes.append(
+            Note(
+                source=f"{prefix}#notes[{position}]",
+                text=note["text"].strip(),
+                time=note.get("time"),
+                author=note.get("author"),
+            )
+        )
     stay.notes.sort(key=lambda n: (n.time or "", n.source))
 
     reasons = record.get("reason")
     reasons = [reasons] if isinstance(reasons, str) else _items(record, "reason", where)
-    stay.reasons = [Fact(text=r if isinstance(r, str) else r["name"], sources=[f"{prefix}#reason"]) for r in reasons]
-    stay.diagnoses = [Fact(text=item["name"], sources=[f"{prefix}#diagnoses[{i}]"], code=item.get("code"))
-                      for i, item in enumerate(_items(record, "diagnoses", where))]
-    stay.procedures = [Fact(text=item["name"], sources=[f"{prefix}#procedures[{i}]"], date=item.get("date"))
-                       for i, item in enumerate(_items(record, "procedures", where))]
-    stay.allergies = [Fact(text=item["name"], sources=[f"{prefix}#allergies[{i}]"], detail=item.get("reaction"))
-                      for i, item in enumerate(_items(record, "allergies", where))]
-    stay.follow_up = [Fact(text=item["name"], sources=[f"{prefix}#follow_up[{i}]"])
-                      for i, item in enumerate(_items(record, "follow_up", where))]
+    stay.reasons = [
+        Fact(text=r if isinstance(r, str) else r["name"], sources=[f"{prefix}#reason"]) for r in reasons
+    ]
+    stay.diagnoses = [
+        Fact(text=item["name"], sources=[f"{prefix}#diagnoses[{i}]"], code=item.get("code"))
+        for i, item in enumerate(_items(record, "diagnoses", where))
+    ]
+    stay.procedures = [
+        Fact(text=item["name"], sources=[f"{prefix}#procedures[{i}]"], date=item.get("date"))
+        for i, item in enumerate(_items(record, "procedures", where))
+    ]
+    stay.allergies = [
+        Fact(text=item["name"], sources=[f"{prefix}#allergies[{i}]"], detail=item.get("reaction"))
+        for i, item in enumerate(_items(record, "allergies", where))
+    ]
+    stay.follow_up = [
+        Fact(text=item["name"], sources=[f"{prefix}#follow_up[{i}]"])
+        for i, item in enumerate(_items(record, "follow_up", where))
+    ]
     stay.medications = _medications(_items(record, "medications", where), prefix, where)
     return stay
 
@@ -180,12 +234,20 @@ def _medications(items: list[dict[str, Any]], prefix: str, where: str) -> Medica
     for position, item in enumerate(items):
         change = item.get("change")
         if change is not None and change not in MEDICATION_CHANGES:
-            raise StayError(f"{where}: medications[{position}].change {change!r} is invalid; use one of "
-                            f"{', '.join(MEDICATION_CHANGES)}")
-        fact = Fact(text=item["name"], sources=[f"{prefix}#medications[{position}]"], detail=item.get("dose"),
-                    status=change or "unknown")
+            raise StayError(
+                f"{where}: medications[{position}].change {change!r} is invalid; use one of "
+                f"{', '.join(MEDICATION_CHANGES)}"
+            )
+        fact = Fact(
+            text=item["name"],
+            sources=[f"{prefix}#medications[{position}]"],
+            detail=item.get("dose"),
+            status=change or "unknown",
+        )
         if change in {"continued", "changed", "stopped"}:
-            medications.on_admission.append(Fact(text=fact.text, sources=list(fact.sources), status="on admission"))
+            medications.on_admission.append(
+                Fact(text=fact.text, sources=list(fact.sources), status="on admission")
+            )
         if change == "stopped":
             medications.stopped.append(fact)
         else:

@@ -36,24 +36,36 @@ class Recommendations:
 
 
 def diagnosis_queries(stay: Stay) -> list[tuple[str, Fact]]:
-    """Queries for retrieval: the reasons for admission, then diagnoses recorded in the stay, then the rest."""
+    """Build retrieval queries: reasons for admission, diagnoses recorded in the stay, then the rest."""
     recorded = [f for f in stay.diagnoses if (f.detail or "").startswith("recorded")]
     ordered = [*stay.reasons, *recorded, *[f for f in stay.diagnoses if f not in recorded]]
     queries: dict[str, Fact] = {}
     for fact in ordered:
-        text = "".join(ch for ch in SEMANTIC_TAG.sub("", fact.text) if unicodedata.category(ch) != "Cc")[:300].strip()
+        text = "".join(ch for ch in SEMANTIC_TAG.sub("", fact.text) if unicodedata.category(ch) != "Cc")[
+            :300
+        ].strip()
         if text and text.casefold() not in {q.casefold() for q in queries}:
             queries[text] = fact
     return list(queries.items())[:MAX_QUERIES]
 
 
-def recommend_many(stays: list[Stay], retriever: Retriever | None, min_relevance: float,
-                   embed: Any) -> list[Recommendations]:
+def recommend_many(
+    stays: list[Stay], retriever: Retriever | None, min_relevance: float, embed: Any
+) -> list[Recommendations]:
     """Retrieve for every stay of a batch in one search call, then pick and quote per stay."""
     if retriever is None:
-        return [Recommendations(flags=[{"type": "no_index", "detail": "no guideline index was available, so no "
-                                        "recommendations were looked up; build one with `bedside index rebuild`"}])
-                for _ in stays]
+        return [
+            Recommendations(
+                flags=[
+                    {
+                        "type": "no_index",
+                        "detail": "no guideline index was available, so no "
+                        "recommendations were looked up; build one with `bedside index rebuild`",
+                    }
+                ]
+            )
+            for _ in stays
+        ]
     per_stay = [diagnosis_queries(stay) for stay in stays]
     flat = [query for queries in per_stay for query, _ in queries]
     results = retriever.search_many(flat, top_k=HITS_PER_QUERY) if flat else []
@@ -61,14 +73,15 @@ def recommend_many(stays: list[Stay], retriever: Retriever | None, min_relevance
     out = []
     position = 0
     for queries in per_stay:
-        hits_per_query = results[position:position + len(queries)]
+        hits_per_query = results[position : position + len(queries)]
         position += len(queries)
         out.append(_pick(queries, hits_per_query, min_relevance, embed))
     return out
 
 
-def _pick(queries: list[tuple[str, Fact]], hits_per_query: list[list[Hit]], min_relevance: float,
-          embed: Any) -> Recommendations:
+def _pick(
+    queries: list[tuple[str, Fact]], hits_per_query: list[list[Hit]], min_relevance: float, embed: Any
+) -> Recommendations:
     result = Recommendations()
     best: dict[str, tuple[Hit, str, Fact]] = {}
     for (query, fact), hits in zip(queries, hits_per_query, strict=True):
@@ -76,25 +89,53 @@ def _pick(queries: list[tuple[str, Fact]], hits_per_query: list[list[Hit]], min_
         if not passes_relevance_gate(hits, min_relevance):
             continue
         for hit in hits:
-            if hit.dense_score >= min_relevance and (hit.chunk_id not in best
-                                                     or hit.dense_score > best[hit.chunk_id][0].dense_score):
+            # a chunk without a quotable sentence (a bare table, a heading) cannot be quoted as advice
+            if hit.dense_score < min_relevance or not _quotable(hit.text):
+                continue
+            if hit.chunk_id not in best or hit.dense_score > best[hit.chunk_id][0].dense_score:
                 best[hit.chunk_id] = (hit, query, fact)
     if not best:
-        result.flags.append({"type": "no_recommendations", "detail": (
-            f"no indexed guideline passed the relevance gate for the diagnoses (best similarity "
-            f"{result.best_score:.2f} < {min_relevance:.2f})")})
+        result.flags.append(
+            {
+                "type": "no_recommendations",
+                "detail": (
+                    f"no quotable indexed guideline passed the relevance gate for the diagnoses (best "
+                    f"similarity {result.best_score:.2f}, gate {min_relevance:.2f})"
+                ),
+            }
+        )
         return result
 
-    chosen = sorted(best.values(), key=lambda item: (-item[0].dense_score, item[0].chunk_id))[:MAX_RECOMMENDATIONS]
+    chosen = sorted(best.values(), key=lambda item: (-item[0].dense_score, item[0].chunk_id))[
+        :MAX_RECOMMENDATIONS
+    ]
     quotes = _closest_sentences([(hit.text, query) for hit, query, _ in chosen], embed)
     for marker, ((hit, query, fact), quote) in enumerate(zip(chosen, quotes, strict=True), 1):
-        result.items.append({"marker": marker, "for": query, "diagnosis_sources": list(fact.sources),
-                             "text": quote, "score": round(hit.dense_score, 4)})
-        result.citations.append({
-            "marker": marker, "chunk_id": hit.chunk_id, "doc_id": hit.doc_id, "title": hit.title,
-            "source": hit.source, "section": hit.section, "page": hit.page, "date": hit.date, "issuer": hit.issuer,
-            "version": hit.version, "score": round(hit.dense_score, 4), "text": hit.text,
-        })
+        result.items.append(
+            {
+                "marker": marker,
+                "for": query,
+                "diagnosis_sources": list(fact.sources),
+                "text": quote,
+                "score": round(hit.dense_score, 4),
+            }
+        )
+        result.citations.append(
+            {
+                "marker": marker,
+                "chunk_id": hit.chunk_id,
+                "doc_id": hit.doc_id,
+                "title": hit.title,
+                "source": hit.source,
+                "section": hit.section,
+                "page": hit.page,
+                "date": hit.date,
+                "issuer": hit.issuer,
+                "version": hit.version,
+                "score": round(hit.dense_score, 4),
+                "text": hit.text,
+            }
+        )
     return result
 
 
@@ -109,16 +150,16 @@ def _quotable(text: str) -> list[str]:
 
 
 def _closest_sentences(pairs: list[tuple[str, str]], embed: Any) -> list[str]:
-    """For each (chunk text, query), the chunk sentence closest to the query, all embedded in one call."""
+    """For each (chunk text, query), the chunk sentence closest to the query, all embedded in one call.
+
+    Every chunk passed in has at least one quotable sentence (`_pick` drops the others).
+    """
     candidates = [_quotable(text) for text, _ in pairs]
     texts = [query for _, query in pairs] + [s for sentences in candidates for s in sentences]
     vectors = embed(texts) if texts else np.zeros((0, 0), dtype=np.float32)
     quotes, offset = [], len(pairs)
-    for row, ((text, _), sentences) in enumerate(zip(pairs, candidates, strict=True)):
-        if not sentences:
-            quotes.append(" ".join(text.split())[:400])
-            continue
-        scores = vectors[offset:offset + len(sentences)] @ vectors[row]
+    for row, sentences in enumerate(candidates):
+        scores = vectors[offset : offset + len(sentences)] @ vectors[row]
         quotes.append(sentences[int(np.argmax(scores))])
         offset += len(sentences)
     return quotes

@@ -47,7 +47,7 @@ from assistant.drafting.narrative import (
 )
 from assistant.drafting.notes import read_notes
 from assistant.drafting.recommend import recommend_many
-from assistant.drafting.stay import ReadResult, RecordError, Stay, StayError
+from assistant.drafting.stay import ReadResult, RecordError, Stay
 from assistant.errors import BedsideError
 from assistant.fileio import atomic_write_json, atomic_write_text, exclusive_lock
 from assistant.safety.injection import find_injections
@@ -126,8 +126,10 @@ class RunSummary:
         return min(self.failed, MAX_EXIT_STATUS)
 
     def line(self) -> str:
-        text = (f"{self.discovered} stays found, {self.selected} selected: {self.drafted} drafted, "
-                f"{self.skipped} unchanged and skipped, {self.failed} failed")
+        text = (
+            f"{self.discovered} stays found, {self.selected} selected: {self.drafted} drafted, "
+            f"{self.skipped} unchanged and skipped, {self.failed} failed"
+        )
         if self.not_ended:
             text += f", {self.not_ended} not ended yet"
         text += f" in {self.seconds:.1f} s ({self.drafts_per_minute:.1f} drafts/min"
@@ -154,18 +156,28 @@ class _Job:
 
 # reading
 
+
 def read_stays(input_path: Path, options: DraftOptions) -> ReadResult:
     """Read stays in the requested format (`notes` for a .jsonl file, else FHIR, when not given)."""
     input_path = Path(input_path)
     fmt = options.input_format or ("notes" if input_path.suffix == ".jsonl" else "fhir")
     if fmt == "notes":
-        return read_notes(input_path, include_emergency=options.include_emergency,
-                          encounter_ids=options.encounter_ids, limit=options.limit)
-    return stays_from_fhir(read_fhir(input_path), include_emergency=options.include_emergency,
-                           encounter_ids=options.encounter_ids, limit=options.limit)
+        return read_notes(
+            input_path,
+            include_emergency=options.include_emergency,
+            encounter_ids=options.encounter_ids,
+            limit=options.limit,
+        )
+    return stays_from_fhir(
+        read_fhir(input_path),
+        include_emergency=options.include_emergency,
+        encounter_ids=options.encounter_ids,
+        limit=options.limit,
+    )
 
 
 # hashing
+
 
 def draft_config(settings: Settings, options: DraftOptions) -> dict[str, Any]:
     """The settings that shape a draft's content; a change in any of them makes drafts stale."""
@@ -187,13 +199,20 @@ def draft_config(settings: Settings, options: DraftOptions) -> dict[str, Any]:
         "min_relevance": settings.min_relevance,
         "min_support": MIN_SUPPORT,
         "specialty": options.specialty,
-        "adapter_registry_sha256": hashlib.sha256(registry.read_bytes()).hexdigest() if registry.is_file() else None,
+        "adapter_registry_sha256": hashlib.sha256(registry.read_bytes()).hexdigest()
+        if registry.is_file()
+        else None,
     }
 
 
 def input_hash(stay: Stay, config: dict[str, Any]) -> str:
-    payload = json.dumps({"records": stay.records, "config": config}, sort_keys=True, ensure_ascii=False,
-                         separators=(",", ":"), default=str)
+    payload = json.dumps(
+        {"records": stay.records, "config": config},
+        sort_keys=True,
+        ensure_ascii=False,
+        separators=(",", ":"),
+        default=str,
+    )
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
@@ -210,13 +229,16 @@ def finished_hash(out_dir: Path, encounter_id: str) -> str | None:
 
 # adapters
 
+
 def choose_adapters(stays: list[Stay], specialty: str | None, router: Any) -> list[dict[str, Any]]:
-    """Pick each stay's adapter: the named specialty's, the router's pick (auto), or the discharge-style one."""
+    """Pick each stay's adapter: the named specialty's, the router's pick (auto), or the discharge one."""
     base = {"name": None, "specialty": None, "sha256": None}
     if router is None:
         if specialty not in {None, "auto"}:
-            raise BedsideError(f"--specialty {specialty} needs an adapter registry (adapters/registry.json) and "
-                               "none was found; train and promote an adapter, or omit --specialty")
+            raise BedsideError(
+                f"--specialty {specialty} needs an adapter registry (adapters/registry.json) and "
+                "none was found; train and promote an adapter, or omit --specialty"
+            )
         return [{**base, "reason": "no adapter registry; base model"} for _ in stays]
     choices = []
     for stay in stays:
@@ -224,12 +246,20 @@ def choose_adapters(stays: list[Stay], specialty: str | None, router: Any) -> li
             try:
                 choice = router.choose(_routing_text(stay), DISCHARGE_SPECIALTY)
             except BedsideError as err:
-                choices.append({**base, "reason": f"no active {DISCHARGE_SPECIALTY} adapter ({err}); base model"})
+                choices.append(
+                    {**base, "reason": f"no active {DISCHARGE_SPECIALTY} adapter ({err}); base model"}
+                )
                 continue
         else:
             choice = router.choose(_routing_text(stay), None if specialty == "auto" else specialty)
-        choices.append({"name": choice.name, "specialty": choice.specialty, "sha256": choice.sha256,
-                        "reason": choice.reason})
+        choices.append(
+            {
+                "name": choice.name,
+                "specialty": choice.specialty,
+                "sha256": choice.sha256,
+                "reason": choice.reason,
+            }
+        )
     return choices
 
 
@@ -238,6 +268,7 @@ def _routing_text(stay: Stay) -> str:
 
 
 # running
+
 
 class _Embeddings:
     """Unit-length embeddings of one list of texts in one call.
@@ -250,18 +281,32 @@ class _Embeddings:
         self.embedder = embedder
 
     def __call__(self, texts: list[str]) -> np.ndarray:
-        return self.embedder.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
-                                    show_progress_bar=False).astype(np.float32)
+        return self.embedder.encode(
+            texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+        ).astype(np.float32)
 
 
-def run_drafts(input_path: Path, out_dir: Path, options: DraftOptions, settings: Settings,
-               resources: DraftingResources | Callable[[], DraftingResources]) -> RunSummary:
-    """Draft every selected stay of `input_path` into `out_dir`; `resources` may be a loader called only if needed."""
+def run_drafts(
+    input_path: Path,
+    out_dir: Path,
+    options: DraftOptions,
+    settings: Settings,
+    resources: DraftingResources | Callable[[], DraftingResources],
+) -> RunSummary:
+    """Draft every selected stay of `input_path` into `out_dir`.
+
+    `resources` may be a loader, called only when some stay needs drafting.
+    """
     options.validate()
-    if options.specialty not in {None, "auto"} and not (Path(settings.adapters_dir) / "registry.json").is_file():
-        raise BedsideError(f"--specialty {options.specialty} needs an adapter registry "
-                           f"({Path(settings.adapters_dir) / 'registry.json'}) and none was found; train and promote "
-                           "an adapter, or omit --specialty")
+    if (
+        options.specialty not in {None, "auto"}
+        and not (Path(settings.adapters_dir) / "registry.json").is_file()
+    ):
+        raise BedsideError(
+            f"--specialty {options.specialty} needs an adapter registry "
+            f"({Path(settings.adapters_dir) / 'registry.json'}) and none was found; train and promote "
+            "an adapter, or omit --specialty"
+        )
     started = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -287,7 +332,9 @@ def run_drafts(input_path: Path, out_dir: Path, options: DraftOptions, settings:
                 summary.skipped += 1
                 continue
             jobs.append(_Job(stay, digest))
-        logger.info("%d stays found, %d to draft, %d unchanged", result.discovered, len(jobs), summary.skipped)
+        logger.info(
+            "%d stays found, %d to draft, %d unchanged", result.discovered, len(jobs), summary.skipped
+        )
 
         if jobs:
             loaded = resources() if callable(resources) else resources
@@ -299,9 +346,17 @@ def run_drafts(input_path: Path, out_dir: Path, options: DraftOptions, settings:
         return summary
 
 
-def _draft_jobs(jobs: list[_Job], out_dir: Path, options: DraftOptions, settings: Settings,
-                config: dict[str, Any], resources: DraftingResources, errors: list[RecordError],
-                summary: RunSummary, started: float) -> None:
+def _draft_jobs(
+    jobs: list[_Job],
+    out_dir: Path,
+    options: DraftOptions,
+    settings: Settings,
+    config: dict[str, Any],
+    resources: DraftingResources,
+    errors: list[RecordError],
+    summary: RunSummary,
+    started: float,
+) -> None:
     from tqdm import tqdm
 
     generator = resources.generator
@@ -317,26 +372,39 @@ def _draft_jobs(jobs: list[_Job], out_dir: Path, options: DraftOptions, settings
         job.fitted = fit_notes(job.stay.notes, tokenizer, job.note_budget)
         job.messages = build_messages(job.stay, job.fitted)
         job.prompt_tokens = count_prompt_tokens(tokenizer, job.messages)
-    for job, adapter in zip(jobs, choose_adapters([j.stay for j in jobs], options.specialty, resources.router),
-                            strict=True):
+    for job, adapter in zip(
+        jobs, choose_adapters([j.stay for j in jobs], options.specialty, resources.router), strict=True
+    ):
         job.adapter = adapter
 
     # batches of similar prompt length limit padding
     jobs.sort(key=lambda j: (j.prompt_tokens, j.stay.encounter_id))
-    batches = [jobs[i:i + options.batch_size] for i in range(0, len(jobs), options.batch_size)]
-    progress = tqdm(total=summary.selected, initial=summary.skipped, unit="stay", desc="drafting",
-                    disable=not options.progress, dynamic_ncols=True)
+    batches = [jobs[i : i + options.batch_size] for i in range(0, len(jobs), options.batch_size)]
+    progress = tqdm(
+        total=summary.selected,
+        initial=summary.selected - len(jobs),
+        unit="stay",
+        desc="drafting",
+        disable=not options.progress,
+        dynamic_ncols=True,
+    )
     try:
         for number, batch in enumerate(batches, 1):
             batch_started = time.perf_counter()
             try:
-                outputs = generator.generate_batch([j.messages for j in batch], [j.adapter["name"] for j in batch],
-                                                   generation)
+                outputs = generator.generate_batch(
+                    [j.messages for j in batch], [j.adapter["name"] for j in batch], generation
+                )
             except (BedsideError, RuntimeError, ValueError) as err:
                 logger.error("batch %d of %d failed in generation: %s", number, len(batches), err)
                 for job in batch:
-                    errors.append(RecordError(reason=f"generation failed: {err}", encounter_id=job.stay.encounter_id,
-                                              resource=job.stay.encounter_source))
+                    errors.append(
+                        RecordError(
+                            reason=f"generation failed: {err}",
+                            encounter_id=job.stay.encounter_id,
+                            resource=job.stay.encounter_source,
+                        )
+                    )
                 _write_errors(out_dir, errors)
                 progress.update(len(batch))
                 continue
@@ -347,25 +415,59 @@ def _draft_jobs(jobs: list[_Job], out_dir: Path, options: DraftOptions, settings
 
             for job, raw, generated in zip(batch, outputs, tokens, strict=True):
                 try:
-                    _finish(job, raw, generated, len(batch), generation_s, out_dir, options, settings, config,
-                            resources, embed, generation)
+                    _finish(
+                        job,
+                        raw,
+                        generated,
+                        len(batch),
+                        generation_s,
+                        out_dir,
+                        options,
+                        settings,
+                        config,
+                        resources,
+                        embed,
+                        generation,
+                    )
                     summary.drafted += 1
                 except BedsideError as err:
-                    errors.append(RecordError(reason=f"writing the draft failed: {err}",
-                                              encounter_id=job.stay.encounter_id, resource=job.stay.encounter_source))
+                    errors.append(
+                        RecordError(
+                            reason=f"writing the draft failed: {err}",
+                            encounter_id=job.stay.encounter_id,
+                            resource=job.stay.encounter_source,
+                        )
+                    )
                     _write_errors(out_dir, errors)
                 progress.update(1)
             elapsed = time.perf_counter() - started
             progress.set_postfix_str(f"{60 * summary.drafted / elapsed:.1f} drafts/min")
-            logger.info("batch %d of %d: %d stays, longest prompt %d tokens, generated in %.1f s", number,
-                        len(batches), len(batch), batch[-1].prompt_tokens, generation_s)
+            logger.info(
+                "batch %d of %d: %d stays, longest prompt %d tokens, generated in %.1f s",
+                number,
+                len(batches),
+                len(batch),
+                batch[-1].prompt_tokens,
+                generation_s,
+            )
     finally:
         progress.close()
 
 
-def _finish(job: _Job, raw: str, generated_tokens: int, batch_rows: int, generation_s: float, out_dir: Path,
-            options: DraftOptions, settings: Settings, config: dict[str, Any], resources: DraftingResources,
-            embed: _Embeddings, generation: GenerationSettings) -> None:
+def _finish(
+    job: _Job,
+    raw: str,
+    generated_tokens: int,
+    batch_rows: int,
+    generation_s: float,
+    out_dir: Path,
+    options: DraftOptions,
+    settings: Settings,
+    config: dict[str, Any],
+    resources: DraftingResources,
+    embed: _Embeddings,
+    generation: GenerationSettings,
+) -> None:
     """Verify one generated narrative, assemble the draft, record it in the audit log and write it."""
     stay = job.stay
     step_started = time.perf_counter()
@@ -374,43 +476,81 @@ def _finish(job: _Job, raw: str, generated_tokens: int, batch_rows: int, generat
 
     flags = list(stay.flags) + fitting_flags(job.fitted, job.note_budget)
     if not stay.notes:
-        flags.append({"type": "no_notes", "detail": "the stay has no notes; the narrative rests on structured facts"})
+        flags.append(
+            {"type": "no_notes", "detail": "the stay has no notes; the narrative rests on structured facts"}
+        )
     for note in stay.notes:
         for injection in find_injections(note.text):
-            flags.append({"type": "injection", "source": note.source,
-                          "detail": f"the note contains text aimed at the model ({injection['kind']}); it was "
-                                    "treated as data"})
+            flags.append(
+                {
+                    "type": "injection",
+                    "source": note.source,
+                    "detail": f"the note contains text aimed at the model ({injection['kind']}); it was "
+                    "treated as data",
+                }
+            )
     flags += narrative.flags + recommendations.flags
 
     generator = resources.generator
     provenance = {
-        "model": generator.model_name, "model_fingerprint": generator.model_fingerprint,
-        "adapter": job.adapter, "index_version": config["index_version"],
-        "embedder": resources.embedder_name, "embedder_fingerprint": config["embedder_fingerprint"],
-        "dtype": generator.dtype, "device": config["device"], "batch_size": options.batch_size,
-        "batch_rows": batch_rows, "generation": generation.to_dict(), "prompt_version": PROMPT_VERSION,
-        "note_tokens": options.note_tokens, "note_budget": job.note_budget, "prompt_tokens": job.prompt_tokens,
-        "generated_tokens": generated_tokens, "min_support": MIN_SUPPORT, "min_relevance": settings.min_relevance,
-        "bedside_version": __version__, "settings": settings.to_dict(),
+        "model": generator.model_name,
+        "model_fingerprint": generator.model_fingerprint,
+        "adapter": job.adapter,
+        "index_version": config["index_version"],
+        "embedder": resources.embedder_name,
+        "embedder_fingerprint": config["embedder_fingerprint"],
+        "dtype": generator.dtype,
+        "device": config["device"],
+        "batch_size": options.batch_size,
+        "batch_rows": batch_rows,
+        "generation": generation.to_dict(),
+        "prompt_version": PROMPT_VERSION,
+        "note_tokens": options.note_tokens,
+        "note_budget": job.note_budget,
+        "prompt_tokens": job.prompt_tokens,
+        "generated_tokens": generated_tokens,
+        "min_support": MIN_SUPPORT,
+        "min_relevance": settings.min_relevance,
+        "bedside_version": __version__,
+        "settings": settings.to_dict(),
     }
     draft = build_draft(stay, narrative, job.fitted, recommendations, flags, provenance, job.input_hash)
     draft["created_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     markdown = render_markdown(draft, stay)
-    timings = {"batch_generation_s": round(generation_s, 3),
-               "verification_s": round(time.perf_counter() - step_started, 3)}
+    timings = {
+        "batch_generation_s": round(generation_s, 3),
+        "verification_s": round(time.perf_counter() - step_started, 3),
+    }
     draft["timings"] = timings
 
     # record first: a crash between the audit row and the files redoes the draft, never loses its record
     if resources.audit is not None:
         draft["audit_id"] = resources.audit.record(
-            kind="draft", user=options.user, question=f"discharge draft for encounter {stay.encounter_id}",
-            answer=markdown, abstained=False,
-            retrieved=[{k: c[k] for k in ("chunk_id", "doc_id", "version", "date", "score")} for c in draft["citations"]],
-            index_version=config["index_version"], model=generator.model_name,
-            model_fingerprint=generator.model_fingerprint, adapter=job.adapter, backend=generator.backend,
-            generation={**generation.to_dict(), "dtype": generator.dtype, "batch_size": options.batch_size,
-                        "prompt_tokens": job.prompt_tokens, "raw_output": raw, "input_hash": job.input_hash},
-            citations=draft["citations"], flags=flags, timings=timings,
+            kind="draft",
+            user=options.user,
+            question=f"discharge draft for encounter {stay.encounter_id}",
+            answer=markdown,
+            abstained=False,
+            retrieved=[
+                {k: c[k] for k in ("chunk_id", "doc_id", "version", "date", "score")}
+                for c in draft["citations"]
+            ],
+            index_version=config["index_version"],
+            model=generator.model_name,
+            model_fingerprint=generator.model_fingerprint,
+            adapter=job.adapter,
+            backend=generator.backend,
+            generation={
+                **generation.to_dict(),
+                "dtype": generator.dtype,
+                "batch_size": options.batch_size,
+                "prompt_tokens": job.prompt_tokens,
+                "raw_output": raw,
+                "input_hash": job.input_hash,
+            },
+            citations=draft["citations"],
+            flags=flags,
+            timings=timings,
         )
     atomic_write_text(out_dir / f"{stay.encounter_id}.md", markdown)
     atomic_write_json(out_dir / f"{stay.encounter_id}.json", draft)
@@ -453,8 +593,10 @@ def load_resources(settings: Settings, with_audit: bool = True) -> DraftingResou
         try:
             from assistant.tuning.routing import build_router
         except ImportError:
-            logger.warning("an adapter registry exists but adapter routing is not installed; drafting with the "
-                           "base model")
+            logger.warning(
+                "an adapter registry exists but adapter routing is not installed; drafting with the "
+                "base model"
+            )
         else:
             router = build_router(settings, generator, embedder)
 
@@ -463,5 +605,11 @@ def load_resources(settings: Settings, with_audit: bool = True) -> DraftingResou
         from assistant.audit import AuditLog
 
         audit = AuditLog(settings.audit_db, store_text=settings.store_text)
-    return DraftingResources(generator=generator, embedder=embedder, embedder_name=settings.embedder or
-                             "all-MiniLM-L6-v2 (embedded)", retriever=retriever, router=router, audit=audit)
+    return DraftingResources(
+        generator=generator,
+        embedder=embedder,
+        embedder_name=settings.embedder or "all-MiniLM-L6-v2 (embedded)",
+        retriever=retriever,
+        router=router,
+        audit=audit,
+    )

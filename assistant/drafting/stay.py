@@ -36,7 +36,9 @@ def parse_time(value: str, *, end: bool = False, what: str = "date") -> dt.datet
     """
     match = FHIR_DATETIME.match(value.strip()) if isinstance(value, str) else None
     if not match:
-        raise StayError(f"{what} {value!r} is not a valid date; write it as YYYY-MM-DD or YYYY-MM-DDThh:mm:ss+zz:zz")
+        raise StayError(
+            f"{what} {value!r} is not a valid date; write it as YYYY-MM-DD or YYYY-MM-DDThh:mm:ss+zz:zz"
+        )
     year = int(match["year"])
     month = int(match["month"] or (12 if end else 1))
     try:
@@ -47,7 +49,7 @@ def parse_time(value: str, *, end: bool = False, what: str = "date") -> dt.datet
         if match["day"]:
             day = dt.date(year, month, int(match["day"]))
         elif end:
-            day = (dt.date(year + month // 12, month % 12 + 1, 1) - dt.timedelta(days=1))
+            day = dt.date(year + month // 12, month % 12 + 1, 1) - dt.timedelta(days=1)
         else:
             day = dt.date(year, month, 1)
     except ValueError as err:
@@ -107,8 +109,10 @@ class Medications:
     during_stay_only: list[Fact] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, list[dict[str, Any]]]:
-        return {name: [fact.to_dict() for fact in getattr(self, name)]
-                for name in ("on_admission", "at_discharge", "stopped", "during_stay_only")}
+        return {
+            name: [fact.to_dict() for fact in getattr(self, name)]
+            for name in ("on_admission", "at_discharge", "stopped", "during_stay_only")
+        }
 
 
 @dataclass
@@ -149,8 +153,18 @@ class Stay:
 
     def all_facts(self) -> list[Fact]:
         meds = self.medications
-        return [*self.reasons, *self.diagnoses, *self.procedures, *meds.on_admission, *meds.at_discharge,
-                *meds.stopped, *meds.during_stay_only, *self.allergies, *self.immunizations, *self.follow_up]
+        return [
+            *self.reasons,
+            *self.diagnoses,
+            *self.procedures,
+            *meds.on_admission,
+            *meds.at_discharge,
+            *meds.stopped,
+            *meds.during_stay_only,
+            *self.allergies,
+            *self.immunizations,
+            *self.follow_up,
+        ]
 
 
 @dataclass

@@ -30,6 +30,7 @@ from assistant.config import Settings
 from assistant.errors import BedsideError
 from assistant.evaluation import canaries as canary_lib
 from assistant.evaluation.scoring import (
+    decision_heldout,
     detect_task,
     heldout_quality,
     load_chat_examples,
@@ -243,19 +244,26 @@ def load_artifact(method: str, artifact: Path, spec: models.ModelSpec, device: s
 def score_model(model: Any, tokenizer: Any, config: CompareConfig, eval_examples: list[Any], task: str,
                 general_lines: list[str], canaries: list[canary_lib.Canary]) -> dict[str, Any]:
     """Held-out loss and task metric, general-text perplexity and canary memorization of one model."""
-    steps = {
-        "heldout": lambda: heldout_quality(model, tokenizer, eval_examples, config.max_seq_length),
-        "task": lambda: task_quality(model, tokenizer, eval_examples, task, config.max_new_tokens),
-        "general_text": lambda: text_perplexity(model, tokenizer, general_lines),
-        "memorization": lambda: (canary_lib.memorization(model, tokenizer, canaries, config.canary_candidates,
-                                                         config.seed) if canaries else None),
-    }
     scores: dict[str, Any] = {"eval_seconds": {}}
-    for name, step in steps.items():
+
+    def timed(name: str, step: Any) -> Any:
         start = time.perf_counter()
-        scores[name] = step()
+        value = step()
         scores["eval_seconds"][name] = round(time.perf_counter() - start, 2)
         logger.info("scored %s in %.1f s", name, scores["eval_seconds"][name])
+        return value
+
+    if task == "decision":
+        scores["heldout"], scores["task"] = timed("heldout_and_task", lambda: decision_heldout(
+            model, tokenizer, eval_examples, config.max_seq_length))
+    else:
+        scores["heldout"] = timed("heldout", lambda: heldout_quality(model, tokenizer, eval_examples,
+                                                                     config.max_seq_length))
+        scores["task"] = timed("task", lambda: task_quality(model, tokenizer, eval_examples, task,
+                                                            config.max_new_tokens))
+    scores["general_text"] = timed("general_text", lambda: text_perplexity(model, tokenizer, general_lines))
+    scores["memorization"] = timed("memorization", lambda: canary_lib.memorization(
+        model, tokenizer, canaries, config.canary_candidates, config.seed)) if canaries else None
     return scores
 
 

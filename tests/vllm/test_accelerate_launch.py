@@ -23,10 +23,30 @@ def test_two_process_training_writes_adapter(tmp_path):
     from assistant.tuning.registry import AdapterRegistry
 
     adapters_dir = tmp_path / "adapters"
-    result = run_cli("train", "--specialty", "cardiology", "--data", str(DATA), "--max-steps", "2",
-                     "--batch-size", "2", "--max-seq-length", "128", "--lora-r", "8", "--device", "cpu",
-                     "--no-progress", "--launcher", "accelerate", "--num-processes", "2",
-                     cwd=tmp_path, env={"BEDSIDE_ADAPTERS_DIR": str(adapters_dir)})
+    result = run_cli(
+        "train",
+        "--specialty",
+        "cardiology",
+        "--data",
+        str(DATA),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--max-seq-length",
+        "128",
+        "--lora-r",
+        "8",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--launcher",
+        "accelerate",
+        "--num-processes",
+        "2",
+        cwd=tmp_path,
+        env={"BEDSIDE_ADAPTERS_DIR": str(adapters_dir)},
+    )
 
     assert result.returncode == 0, result.stderr[-4000:]
     registry = AdapterRegistry(adapters_dir)

@@ -60,6 +60,8 @@ def test_ask_through_vllm_cites(vllm_server, adapters_dir, demo_index_dir, tmp_p
         "endocrinology",
         "--max-new-tokens",
         "48",
+        "--top-k",
+        "3",
         "--index",
         str(demo_index_dir),
         "--json",
