@@ -139,8 +139,8 @@ def median_of(function: Any, repeats: int) -> float:
 
 # training: LoRA vs full at sequence 256, batch 4
 
-def long_examples(folder: Path, path: Path) -> Path:
-    """One example per demo guideline: its title as the request, its body (over 256 tokens) as the answer."""
+def long_examples(path: Path) -> Path:
+    """Write one example per demo guideline: its title as the request, its body (over 256 tokens) as the answer."""
     from assistant.corpus import load_corpus
 
     documents = load_corpus([DEMO_CORPUS]).documents
@@ -182,7 +182,7 @@ def bench_training(steps: int) -> dict[str, Any]:
     results = {}
     with tempfile.TemporaryDirectory(prefix="bedside-bench-") as tmp:
         workdir = Path(tmp)
-        data = long_examples(workdir, workdir / "long.jsonl")
+        data = long_examples(workdir / "long.jsonl")
         for number, (label, method) in enumerate(runs.items()):
             overrides = {"specialty": "bench", "data": str(data), "max_steps": steps, "batch_size": 4,
                          "max_seq_length": 256, "eval_fraction": 0.0, "register": False, "seed": 0,
@@ -277,7 +277,7 @@ def bench_real(steps: int, heldout_limit: int) -> dict[str, Any]:
         for label, folder in MEDQUAD_SETS.items():
             sets[label] = (medquad_records(SHARED_DATA / "medquad" / folder), None, 256)
         pubmedqa = load_pubmedqa(SHARED_DATA / "pubmedqa")
-        # the release lists the test split sorted by answer, so an even spread keeps its label mix
+        # the release lists the test split sorted by decision, so an even spread keeps its label mix
         test = pubmedqa_training_records(pubmedqa, "test")
         scored = [test[i] for i in spread(list(range(len(test))), heldout_limit)]
         sets["pubmedqa (non-test half; scored on the test half)"] = (

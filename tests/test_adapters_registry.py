@@ -60,7 +60,7 @@ def test_promote_against_base_records_scores(registry_copy, trained_adapters, ad
     assert registry.read()["events"][-1]["action"] == "promote"
 
 
-def test_worse_candidate_refused_then_forced_and_rolled_back(registry_copy, trained_adapters, adapter_generator):
+def test_worse_candidate_refused_then_forced(registry_copy, trained_adapters, adapter_generator):
     from assistant.tuning.promotion import promote
 
     registry, settings = registry_copy

@@ -120,6 +120,9 @@ def test_rebuild_cli_skips_bad_file(tmp_path):
     for name in GOOD_DOCS:
         shutil.copy(DEMO_CORPUS / name, corpus / name)
     (corpus / "broken.xml").write_text("<doc><qaPairs>", encoding="utf-8")
+    (corpus / "extra.jsonl").write_text(
+        '{"id": "extra-note", "title": "Extra", "text": "Check lactate.", "source": "ward"}\n{"id": \n',
+        encoding="utf-8")
     index = tmp_path / "index"
 
     result = run_cli("index", "rebuild", "--corpus", str(corpus), "--index", str(index), "--no-progress",
@@ -127,9 +130,12 @@ def test_rebuild_cli_skips_bad_file(tmp_path):
 
     assert result.returncode == 0, result.stderr
     skipped = [line for line in result.stderr.splitlines() if line.startswith("bedside: skipped")]
-    assert len(skipped) == 1 and "broken.xml" in skipped[0] and "not well-formed XML" in skipped[0]
-    assert "2 documents (2 added" in result.stdout
-    assert "1 files skipped" in result.stdout
+    assert len(skipped) == 2
+    assert "broken.xml" in skipped[0]
+    assert "not well-formed XML" in skipped[0]
+    assert f"{corpus / 'extra.jsonl'}:2: invalid JSON" in skipped[1]
+    assert "3 documents (3 added" in result.stdout
+    assert "2 bad files or lines skipped" in result.stdout
 
 
 def test_rebuild_with_only_bad_files_keeps_index(demo_index_copy, tmp_path, clean_env, capsys):
@@ -141,7 +147,8 @@ def test_rebuild_with_only_bad_files_keeps_index(demo_index_copy, tmp_path, clea
 
     assert status == 1
     line = error_line(capsys.readouterr().err)
-    assert "no documents could be loaded" in line and "left unchanged" in line
+    assert "no documents could be loaded" in line
+    assert "left unchanged" in line
     assert snapshot(demo_index_copy) == before
 
 
@@ -186,7 +193,8 @@ def test_bad_query_in_queries_file_names_line(demo_index_copy, clean_env, capsys
 
     assert status == 1
     line = error_line(capsys.readouterr().err)
-    assert f"{queries}:3" in line and "5,000 characters" in line
+    assert f"{queries}:3" in line
+    assert "5,000 characters" in line
 
 
 @pytest.mark.parametrize("command", ["search", "ask"])
@@ -195,17 +203,21 @@ def test_missing_index_says_rebuild(command, clean_env, capsys):
 
     assert status == 1
     line = error_line(capsys.readouterr().err)
-    assert "no index found in" in line and "nowhere" in line
+    assert "no index found in" in line
+    assert "nowhere" in line
     assert "`bedside index rebuild --index" in line
 
 
 @pytest.mark.parametrize("command", ["search", "ask"])
 def test_bad_since_date(command, demo_index_copy, clean_env, capsys):
-    status = main([command, "potassium", "--since", "2024-13-01", "--index", str(demo_index_copy)])
+    for since in ("2024-13-01", "yesterday", "2024-01-01x"):
+        status = main([command, "potassium", "--since", since, "--index", str(demo_index_copy)])
 
-    assert status == 1
-    line = error_line(capsys.readouterr().err)
-    assert "'2024-13-01'" in line and "--since" in line and "YYYY-MM-DD" in line
+        assert status == 1, since
+        line = error_line(capsys.readouterr().err)
+        assert f"'{since}'" in line
+        assert "--since" in line
+        assert "YYYY-MM-DD" in line
 
 
 @pytest.mark.parametrize("command", ["search", "ask"])
@@ -215,7 +227,8 @@ def test_unknown_specialty(command, demo_index_copy, clean_env, capsys):
     assert status == 1
     line = error_line(capsys.readouterr().err)
     assert "'cardiologgy'" in line
-    assert "cardiology" in line and "nephrology" in line
+    assert "cardiology" in line
+    assert "nephrology" in line
 
 
 def test_search_top_k_zero_rejected(demo_index_copy, clean_env, capsys):

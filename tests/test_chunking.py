@@ -125,7 +125,8 @@ def allergy_document() -> Document:
     body = (filler * 12)[: 2000 - 200]
     tail = f" Discharge planning was discussed with the family. {ALLERGY}"
     text = body + tail.rjust(200)
-    assert len(text) == 2000 and text.index(ALLERGY) >= 1800
+    assert len(text) == 2000
+    assert text.index(ALLERGY) >= 1800
     return Document("ward-note-17", "Ward round note", [Section(text, "Progress note")], "note-17.txt",
                     date="2025-03-02", specialty="infectious_disease")
 

@@ -158,7 +158,9 @@ def test_unknown_setting_in_config(settings_env, capsys):
 
     assert status == 1
     err = capsys.readouterr().err
-    assert "unknown setting 'chunk_size'" in err and str(config) in err and "chunk_tokens" in err
+    assert "unknown setting 'chunk_size'" in err
+    assert str(config) in err
+    assert "chunk_tokens" in err
 
 
 @pytest.mark.parametrize(("text", "expected"), [

@@ -161,7 +161,8 @@ def test_index_remove_command(work, embedder, embedder_info, tmp_path):
     result = run_cli("index", "remove", DELETED, "--index", str(index), cwd=tmp_path)
 
     assert result.returncode == 0, result.stderr
-    assert "1 removed" in result.stdout and "0 embedded" in result.stdout
+    assert "1 removed" in result.stdout
+    assert "0 embedded" in result.stdout
     assert DELETED not in chunk_rows(index).values()
     assert_consistent(index)
     pairs = exact_text_hits(index, embedder, embedder_info)
@@ -209,7 +210,8 @@ def test_kill_during_rebuild_keeps_previous_version(demo_index_copy, tmp_path, e
                      cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     hits = json.loads(result.stdout)["hits"]
-    assert hits and hits[0]["doc_id"] == "nephrology-hyperkalaemia"
+    assert hits
+    assert hits[0]["doc_id"] == "nephrology-hyperkalaemia"
 
     summary = build_index(index, load_corpus([DEMO_CORPUS]).documents, embedder, embedder_info)
 

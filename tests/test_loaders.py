@@ -122,7 +122,8 @@ def test_spl_label_sections_and_tables(name):
     assert len(label.sections) >= 15
     # only the label's revision stamp ("LAB-0021-29.0") sits in a section without a heading
     untitled = [section.text for section in label.sections if not section.title]
-    assert len(untitled) <= 1 and all(len(text) < 40 for text in untitled), untitled
+    assert len(untitled) <= 1, untitled
+    assert all(len(text) < 40 for text in untitled), untitled
     assert not any("unclassified" in (section.title or "").lower() for section in label.sections)
     for section in label.sections:
         for table in markdown_tables(section.text):
@@ -169,7 +170,8 @@ def test_demo_corpus_metadata():
         assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", document.date), document.doc_id
         assert document.version, document.doc_id
         assert document.issuer, document.doc_id
-        assert document.title and document.title != document.doc_id
+        assert document.title
+        assert document.title != document.doc_id
         assert Path(document.source).stem == document.doc_id
         assert all(section.title for section in document.sections), document.doc_id
 
@@ -240,8 +242,11 @@ def test_html_headings_table_and_scripts(tmp_path):
     assert document.title == "Potassium Replacement Protocol"
     assert (document.date, document.specialty) == ("2024-05-01", "nephrology")
     text = document.text
-    assert "script" not in text and "leaked" not in text and "color" not in text
-    assert "Home | About" not in text and "Copyright" not in text
+    assert "script" not in text
+    assert "leaked" not in text
+    assert "color" not in text
+    assert "Home | About" not in text
+    assert "Copyright" not in text
     assert "Oral potassium chloride is preferred when the patient can swallow." in text
     assert "Recheck serum potassium after four hours." in text
     dosing = next(section for section in document.sections if section.title == "Dosing table")

@@ -22,8 +22,7 @@ from assistant.ui import handlers
 from assistant.ui.auth import UserStore, create_first_account
 
 REPO = Path(__file__).resolve().parents[1]
-DKA_QUESTION = ("What fixed-rate intravenous insulin infusion rate is used for diabetic ketoacidosis "
-                "in adults?")
+IN_CORPUS = "How should the levothyroxine dose be changed when a woman with hypothyroidism becomes pregnant?"
 OFF_CORPUS = "What is the boiling point of tungsten?"
 
 
@@ -61,7 +60,7 @@ def short_assistant(demo_assistant):
 @pytest.fixture(scope="module")
 def answered(short_assistant):
     """Every reply of one in-corpus question asked in a fresh session by user alice."""
-    replies = list(handlers.respond(short_assistant, DKA_QUESTION, "auto", handlers.new_session(), "alice"))
+    replies = list(handlers.respond(short_assistant, IN_CORPUS, "auto", handlers.new_session(), "alice"))
     return replies
 
 
@@ -99,11 +98,11 @@ def test_respond_records_turn_and_audit_row(answered, short_assistant):
     _, session, _ = answered[-1]
     assert session["user"] == "alice"
     [turn] = session["turns"]
-    assert turn["question"] == DKA_QUESTION
+    assert turn["question"] == IN_CORPUS
     assert turn["audit_id"] is not None
     row = next(r for r in short_assistant.audit.rows() if r["id"] == turn["audit_id"])
     assert row["user"] == "alice"
-    assert row["question"] == DKA_QUESTION
+    assert row["question"] == IN_CORPUS
 
 
 def test_markers_link_to_sources(answered):
@@ -126,7 +125,7 @@ def test_sources_panel_lists_citation_details(answered):
     sources = answered[-1][2]
     for label in ("Issuer", "Version", "Date", "Page/section", "Support"):
         assert f"<dt>{label}</dt>" in sources
-    assert "Diabetic Ketoacidosis" in sources
+    assert "Primary Hypothyroidism" in sources
     assert '<blockquote class="chunk">' in sources
 
 
@@ -137,7 +136,7 @@ def test_history_comes_from_same_session(answered, short_assistant):
     session = copy.deepcopy(answered[-1][1])
     list(handlers.respond(recorder, OFF_CORPUS, "auto", session, "alice"))
     history = recorder.calls[-1]["history"]
-    assert history[0] == {"role": "user", "content": DKA_QUESTION}
+    assert history[0] == {"role": "user", "content": IN_CORPUS}
     assert history[1]["role"] == "assistant"
     assert "[" not in history[1]["content"], "markers of an old answer must not reach the new prompt"
 
@@ -193,7 +192,7 @@ def test_invalid_question_shows_error_and_keeps_session(answered, short_assistan
     assert "The request failed" in messages[-1]["content"]
     assert "4,000" in messages[-1]["content"]
     assert len(session["turns"]) == 2
-    assert messages[0]["content"] == handlers.escape(DKA_QUESTION)
+    assert messages[0]["content"] == handlers.escape(IN_CORPUS)
     # the session still answers afterwards
     messages, session, _ = list(handlers.respond(short_assistant, OFF_CORPUS, "auto", session, "alice"))[-1]
     assert "bedside-abstention" in messages[-1]["content"]
@@ -208,7 +207,7 @@ def test_internal_failure_shows_error(demo_index_dir, embedder, embedder_info, d
     index = IndexStore(demo_index_dir).open(embedder_info)
     index.close()  # searching a closed chunk database fails inside the pipeline
     broken = Assistant(demo_assistant.settings, Retriever(index, embedder), demo_assistant.generator)
-    replies = list(handlers.respond(broken, DKA_QUESTION, "auto", handlers.new_session(), "bob"))
+    replies = list(handlers.respond(broken, IN_CORPUS, "auto", handlers.new_session(), "bob"))
     messages, session, _ = replies[-1]
     assert "The request failed" in messages[-1]["content"]
     assert "internal error" in messages[-1]["content"]
@@ -249,6 +248,15 @@ def test_removed_and_injected_citations_are_listed():
     assert "left out to fit" in html
     assert "attached automatically" in html
     assert 'class="cite auto"' in html
+
+
+def test_unsourced_figures_and_new_flags_listed():
+    flags = [{"type": "number_not_in_source", "sentence": "Give 1.0 units", "numbers": [1.0, 250.5],
+              "detail": "x"},
+             {"type": "some_future_check", "detail": "a check the UI does not know yet"}]
+    html = handlers.render_answer(make_answer("Give 1.0 units.", [], flags, []), 1)
+    assert "The figure(s) 1, 250.5 appear in no cited source" in html
+    assert "a check the UI does not know yet" in html
 
 
 def test_model_and_corpus_text_is_escaped():

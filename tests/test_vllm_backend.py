@@ -1,6 +1,6 @@
 """The vLLM backend's client side, export and launcher helpers, without a vLLM install.
 
-A small HTTP server on loopback stands in for a misbehaving vLLM (5xx replies, a wrong model name)
+A small HTTP server on loopback replaces a misbehaving vLLM (5xx replies, a wrong model name)
 so retries and refusals can be checked quickly; `make test-vllm` runs the same paths on real vLLM.
 """
 
@@ -131,7 +131,7 @@ def test_unreachable_server_error_names_fix():
 
     client = VLLMClient(f"http://127.0.0.1:{free_port()}/v1", attempts=2, backoff_s=0.01)
 
-    with pytest.raises(VLLMError, match="did not answer /models after 2 attempt.*make serve-vllm"):
+    with pytest.raises(VLLMError, match="did not respond to /models after 2 attempt.*make serve-vllm"):
         client.models()
 
 
@@ -160,7 +160,7 @@ def test_ask_unreachable_vllm_is_one_line_error(demo_index_dir, tmp_path):
 
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"bedside: error: vLLM server at {url} did not answer /models after 3 attempt")
+    assert last.startswith(f"bedside: error: vLLM server at {url} did not respond to /models after 3 attempt")
 
 
 def test_export_base_only_layout(tmp_path):

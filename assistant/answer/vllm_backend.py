@@ -2,7 +2,7 @@
 
 Only token generation moves to the server: retrieval, prompt fitting, citation checks and the audit
 stay in bedside. Each prompt is rendered here with the base model's own chat template and sent as
-token ids to `/v1/completions`, so vLLM sees exactly the prompt that was fitted to the context here.
+token ids to `/v1/completions`, so vLLM receives exactly the prompt that was fitted to the context here.
 The adapter is chosen per request by `model=<adapter name>` (vLLM's `--lora-modules NAME=PATH`),
 and every response must name the model it was asked for: a server that answers with another model
 raises an error instead of passing that answer off as the adapter's.
@@ -101,6 +101,14 @@ class VLLMClient:
             "server, or use --backend local"
         )
 
+    def _timed_out(self, path: str) -> VLLMError:
+        # a server that accepted the request but stayed silent this long is stuck or overloaded, and
+        # sending the request again would only double the wait
+        return VLLMError(
+            f"vLLM server at {self.url} accepted {path} but sent nothing for {self.timeout.read:.0f} s; "
+            "check its log and load, then ask again"
+        )
+
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         """Send one request and return its JSON body (None when empty), retrying transient failures."""
         import httpx
@@ -110,6 +118,8 @@ class VLLMClient:
         for attempt in range(1, self.attempts + 1):
             try:
                 response = self.http.request(method, url, **kwargs)
+            except httpx.ReadTimeout as err:
+                raise self._timed_out(path) from err
             except httpx.TransportError as err:
                 last = f"{type(err).__name__}: {err}"
             else:
@@ -129,7 +139,7 @@ class VLLMClient:
             )
             if attempt < self.attempts:
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
-        raise self._unreachable("did not answer " + path, last)
+        raise self._unreachable("did not respond to " + path, last)
 
     def stream(self, path: str, payload: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """POST with `stream: true` and yield each server-sent event's JSON.
@@ -171,6 +181,8 @@ class VLLMClient:
                             started = True
                             yield event
                         return
+            except httpx.ReadTimeout as err:
+                raise self._timed_out(path) from err
             except httpx.TransportError as err:
                 if started:
                     raise VLLMError(
@@ -181,7 +193,7 @@ class VLLMClient:
             logger.warning("vLLM POST %s failed (attempt %d of %d): %s", path, attempt, self.attempts, last)
             if attempt < self.attempts:
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
-        raise self._unreachable("did not answer " + path, last)
+        raise self._unreachable("did not respond to " + path, last)
 
     def models(self) -> list[ServedModel]:
         body = self.request("GET", "/models")
@@ -222,7 +234,7 @@ def _is_json(response: Any) -> bool:
 
 
 def _error_text(response: Any) -> str:
-    """The server's error message: OpenAI-style `{"error": {"message": ...}}`, else the raw body."""
+    """Extract the server's error message: OpenAI-style `{"error": {"message": ...}}`, else the raw body."""
     try:
         body = response.json()
     except (ValueError, UnicodeDecodeError):
@@ -301,13 +313,19 @@ class VLLMGenerator:
         return dict(self.adapters)
 
     def load_adapter(self, name: str, path: Path) -> None:
-        """Make adapter `name` servable: kept as is when the server already has it, else loaded at runtime.
+        """Make adapter `name` servable: checked when the server already has it, else loaded at runtime.
 
         NOTE: `path` is read by the server process, so it must be a path on the server's machine.
         """
+        resolved = str(Path(path).resolve())
         if name in self.adapters or name in self.served_adapters():
+            if not _same_adapter(self.adapters[name], resolved, None):
+                raise VLLMError(
+                    f"the vLLM server at {self.client.url} serves other weights under adapter name {name!r} "
+                    f"than {resolved!r}; run `sync_adapters` or export and restart the server"
+                )
             return
-        self.client.load_lora(name, str(Path(path).resolve()))
+        self.client.load_lora(name, resolved)
         self.adapters[name] = str(path)
         logger.info("adapter %s loaded into vLLM at %s from %s", name, self.client.url, path)
 
@@ -467,7 +485,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 @dataclass
 class SyncReport:
-    """What `sync_adapters` changed on the server: adapter names loaded, reloaded and unloaded."""
+    """Changes `sync_adapters` made on the server: the adapter names loaded, reloaded and unloaded."""
 
     loaded: list[str] = field(default_factory=list)
     reloaded: list[str] = field(default_factory=list)
@@ -486,8 +504,9 @@ def sync_adapters(
     `registry` is an `AdapterRegistry`, an adapters folder holding `registry.json`, or a mapping of
     adapter name to folder. Adapters the server has under a name the registry no longer lists as
     active are unloaded, unless named in `keep`. An adapter whose served weights differ from the
-    registry's is unloaded and loaded again: vLLM keys its adapter cache by a numeric id that only a
-    fresh load renews, so an in-place reload could keep serving the old weights. Each change is
+    registry's is unloaded and loaded again under a new numeric id. vLLM 0.32 keeps the id on an
+    in-place reload and warns that prefix-cache blocks computed with the old weights stay valid, so
+    a fresh load is the safe way to change weights. Each change is
     written to `audit` (an `AuditLog`) with kind "adapter_change". The server must run with
     VLLM_ALLOW_RUNTIME_LORA_UPDATING=True.
     """
@@ -531,7 +550,7 @@ def sync_adapters(
 
 
 def _same_adapter(served_root: str, folder: str, sha256: str | None) -> bool:
-    """True when the served folder holds the registry's weights (by hash where visible here, else by path)."""
+    """Return True when the served folder contains the registry's weights (by hash, else by path)."""
     served_weights = Path(served_root) / ADAPTER_WEIGHTS
     if served_weights.is_file():
         from assistant.tuning.registry import sha256_file

@@ -465,7 +465,7 @@ def _optional_str(value: object) -> str | None:
 def load_jsonl(path: Path, problems: list[tuple[str, str]] | None = None) -> list[Document]:
     """Read `{"id", "title", "text", "source", "date"?, "specialty"?}` lines.
 
-    A bad line is skipped and logged; with `problems` given, it is also appended there as
+    A bad line is skipped and logged. With `problems` given, it is also appended there as
     ("FILE:LINE", reason). A file without one valid line raises `CorpusError`.
     """
     documents, skipped = [], []
@@ -498,7 +498,7 @@ def load_jsonl(path: Path, problems: list[tuple[str, str]] | None = None) -> lis
     for number, problem in skipped:
         logger.warning("%s: skipped line %d: %s", path, number, problem)
         if problems is not None:
-            problems.append((f"{path}:{number}", f"line {number} skipped: {problem}"))
+            problems.append((f"{path}:{number}", problem))
     return documents
 
 

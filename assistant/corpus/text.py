@@ -31,8 +31,13 @@ def normalize_date(value: object, path: Path | str = "") -> str | None:
     if isinstance(value, dt.date):
         return value.isoformat()
     text = str(value).strip()
-    # FHIR and SPL write 20140113 or a full timestamp; front matter writes 2025-06-12
-    candidates = [(text[:10], "%Y-%m-%d"), (text[:8], "%Y%m%d"), (text, "%Y-%m"), (text, "%Y")]
+    # Front matter writes 2025-06-12 and FHIR may add a time after "T". SPL writes 20140113, sometimes
+    # with a time and zone offset as more digits. Any other trailing text makes the value invalid.
+    candidates = [(text, "%Y-%m"), (text, "%Y")]
+    if len(text) == 10 or text[10:11] in {"T", " "}:
+        candidates.insert(0, (text[:10], "%Y-%m-%d"))
+    if re.fullmatch(r"\d{8}(\d{2,6})?([+-]\d{4})?", text):
+        candidates.insert(0, (text[:8], "%Y%m%d"))
     for candidate, pattern in candidates:
         try:
             return dt.datetime.strptime(candidate, pattern).date().isoformat()

@@ -584,9 +584,15 @@ def load_resources(settings: Settings, with_audit: bool = True) -> DraftingResou
     except IndexStoreError as err:
         logger.warning("no guideline index (%s); drafts will carry no recommendations", err)
 
-    spec = models.resolve_model(settings.model)
-    model, tokenizer = models.load_base_model(spec, settings.dtype, settings.device)
-    generator = LocalGenerator(model, tokenizer, spec.display_name, models.model_fingerprint(spec))
+    if settings.backend == "vllm":
+        from assistant.answer.vllm_backend import VLLMGenerator
+
+        # only token generation moves to the server; drafts are assembled and checked here
+        generator = VLLMGenerator.from_settings(settings)
+    else:
+        spec = models.resolve_model(settings.model)
+        model, tokenizer = models.load_base_model(spec, settings.dtype, settings.device)
+        generator = LocalGenerator(model, tokenizer, spec.display_name, models.model_fingerprint(spec))
 
     router = None
     if (Path(settings.adapters_dir) / "registry.json").is_file():

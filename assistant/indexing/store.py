@@ -85,7 +85,7 @@ class BuildSummary:
             f"index {self.version}: {self.documents} documents ({self.added} added, {self.changed} changed, "
             f"{self.removed} removed, {self.unchanged} unchanged), {self.chunks} chunks "
             f"({self.embedded_chunks} embedded, {self.truncated_chunks} truncated), "
-            f"{len(self.problems)} files skipped, {self.seconds:.1f} s"
+            f"{len(self.problems)} bad files or lines skipped, {self.seconds:.1f} s"
         )
 
 

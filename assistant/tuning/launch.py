@@ -2,10 +2,10 @@
 
 `bedside train ... --launcher accelerate --num-processes N` re-invokes the same command line, less
 the launcher flags, as N processes started by `accelerate launch` with a preset from
-`configs/accelerate/`. Each process runs the ordinary training recipe; the transformers Trainer in
-it joins the process group that the launcher set up (gloo on CPU, NCCL on CUDA) and splits every
-batch across the processes, so the artifact and registry entry have the same format as a
-single-process run.
+`configs/accelerate/`. Each process runs the ordinary training recipe. The transformers Trainer in
+it joins the process group that the launcher set up (gloo on CPU, NCCL on CUDA) and gives each
+process its own share of the training data. The artifact and registry entry therefore have the
+same format as a single-process run.
 
 Each process runs `python -m assistant.tuning.launch train ...` (see `main`). Rank 0 writes the
 artifact and the registry entry where the command asked. The other ranks write theirs to a
@@ -94,7 +94,10 @@ def relaunch(
             "accelerate` or drop --launcher"
         )
     cpu = _runs_on_cpu(device)
-    config = Path(config_file) if config_file else PRESET_DIR / (CPU_PRESET if cpu else CUDA_PRESET)
+    if config_file is not None:
+        config = Path(config_file)
+    else:
+        config = PRESET_DIR / (CPU_PRESET if cpu else CUDA_PRESET)
     if not config.is_file():
         raise BedsideError(
             f"accelerate config {str(config)!r} not found; pass one with --accelerate-config "
@@ -121,8 +124,8 @@ def relaunch(
     ]
     env = dict(os.environ)
     if cpu:
-        # accelerate 1.16 starts MULTI_CPU runs through mpirun only; the presets route CPU runs through
-        # torchrun instead, and this variable makes each process join a gloo group on the CPU
+        # accelerate 1.16 starts MULTI_CPU runs through mpirun only, so the CPU preset goes through
+        # torchrun instead. This variable then makes each process join a gloo group on the CPU.
         env["ACCELERATE_USE_CPU"] = "true"
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_processes)))
     logger.info("starting %d training processes: %s", num_processes, " ".join(command))

@@ -69,7 +69,7 @@ class TrainResult:
 def train(config: TrainConfig, settings: Settings, progress: bool = False) -> TrainResult:
     """Train one adapter (lora, qlora) or one full model (full) as set by `config`; see the module docstring."""
     import torch
-    from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
+    from transformers import AutoTokenizer, PrinterCallback, Trainer, TrainingArguments, set_seed
 
     # settings and data: every check that needs no model runs first
     validate_train_config(config)
@@ -133,9 +133,12 @@ def train(config: TrainConfig, settings: Settings, progress: bool = False) -> Tr
             activation_checkpointing=config.gradient_checkpointing,
             dataloader_num_workers=0,
         )
-        timer = step_timer()
+        timer = step_timer(log_losses=not progress)
         trainer = Trainer(model=model, args=arguments, train_dataset=train_rows,
                           data_collator=PaddingCollator(tokenizer.pad_token_id), callbacks=[timer])
+        if not progress:
+            # without a progress bar the Trainer prints each log dict to stdout; the timer logs them instead
+            trainer.remove_callback(PrinterCallback)
         outcome = trainer.train()
     train_seconds = time.perf_counter() - start
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -179,8 +182,9 @@ def train(config: TrainConfig, settings: Settings, progress: bool = False) -> Tr
         "config": config.to_dict(),
         "seed": config.seed,
         "device": device,
-        "base": {"name": spec.display_name, "path": spec.path, "gguf_file": spec.gguf_file,
-                 "fingerprint": base_fingerprint},
+        # a GGUF base is identified by file name and hash; its folder is this machine's package path
+        "base": {"name": spec.display_name, "path": None if spec.gguf_file else spec.path,
+                 "gguf_file": spec.gguf_file, "fingerprint": base_fingerprint},
         "data": {
             "path": str(config.data), "sha256": report.sha256, "examples": len(report.examples),
             "train_examples": len(train_rows), "heldout_examples": len(heldout_rows),
@@ -363,8 +367,8 @@ def check_no_pickled_files(folder: Path) -> None:
 
 # records
 
-def step_timer() -> Any:
-    """A Trainer callback that records the wall time of every optimizer step in `durations`."""
+def step_timer(log_losses: bool) -> Any:
+    """Return a Trainer callback that records each optimizer step's wall time and can log the loss."""
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
@@ -377,6 +381,12 @@ def step_timer() -> Any:
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self.durations.append(time.perf_counter() - self._started)
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
+                   **kwargs: Any) -> None:
+            if log_losses and logs and "loss" in logs:
+                logger.info("step %d/%d: loss %.4f, learning rate %.2e", state.global_step, state.max_steps,
+                            float(logs["loss"]), float(logs.get("learning_rate", 0.0)))
 
     return StepTimer()
 

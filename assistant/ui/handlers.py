@@ -32,6 +32,9 @@ MAX_HISTORY_TURNS = 3
 MAX_HISTORY_CHARS = 600
 MAX_COMMENT_CHARS = 2000
 FEEDBACK_LABELS = {"helpful": "Helpful", "wrong": "Wrong", "unsafe": "Unsafe"}
+# flag types rendered by other parts of the answer: the sentence highlight, the marker style, the
+# abstention box
+SHOWN_ELSEWHERE = {"unsupported", "auto_cited", "abstained"}
 
 # A chunk sentence runs to a . ! or ? followed by white space (so "0.1" stays whole) or to the line end.
 CHUNK_SENTENCE = re.compile(r"\S[^\n]*?(?:[.!?](?=\s|$)|$)", re.MULTILINE)
@@ -278,7 +281,13 @@ def render_flags(answer: Any) -> str:
                               "verify them before use."))
     for flag in answer.flags:
         kind = flag.get("type")
-        if kind == "invalid_citation":
+        if kind in SHOWN_ELSEWHERE:
+            continue
+        if kind == "number_not_in_source":
+            shown = ", ".join(f"{value:g}" for value in flag.get("numbers", []))
+            items.append(("warn", f"The figure(s) {shown} appear in no cited source; check every figure "
+                                  "against the source."))
+        elif kind == "invalid_citation":
             items.append(("warn", f"Removed citation [{flag.get('marker')}]: it named no source given to the "
                                   "model."))
         elif kind == "injection":
@@ -286,6 +295,9 @@ def render_flags(answer: Any) -> str:
                                   "model; it was treated as data."))
         elif kind == "dropped_chunk":
             items.append(("info", "A lower-ranked source was left out to fit the model's context."))
+        else:
+            # a flag type added to the pipeline later still reaches the clinician
+            items.append(("warn", str(flag.get("detail") or kind)))
     auto = sorted({f.get("marker") for f in answer.flags if f.get("type") == "auto_cited"})
     if auto:
         items.append(("info", "Citation(s) " + ", ".join(f"[{m}]" for m in auto) + " were attached "
@@ -312,8 +324,8 @@ def render_answer(answer: Any, turn: int) -> str:
             auto = set(sentence.markers) if sentence.auto_cited else set()
             text = link_markers(escape(sentence.text), turn, auto)
             if not sentence.supported:
-                text = (f'<mark class="unsupported" title="No cited source supports this sentence (support '
-                        f'{sentence.support:.2f}); verify it before use">{text}</mark>'
+                text = (f'<mark class="unsupported" title="Not verified against a cited source (best '
+                        f'similarity {sentence.support:.2f}); verify it before use">{text}</mark>'
                         '<span class="unsupported-tag"> ⚠ unsupported</span>')
             parts.append(text)
         body = " ".join(parts)

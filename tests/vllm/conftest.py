@@ -22,8 +22,8 @@ import pytest
 from tests.conftest import REPO, run_cli
 
 VLLM_PYTHON = Path(os.environ.get("BEDSIDE_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
-# Server start on 2 shared CPU cores took 60-150 s (model load, CPU kernel warm-up); the bound leaves room.
-SERVER_START_TIMEOUT_S = 420
+# Server start took 189-300 s on 2 CPU cores shared with other jobs (load average 13-17).
+SERVER_START_TIMEOUT_S = 600
 
 
 def vllm_installed() -> bool:

@@ -1,7 +1,7 @@
 """`bedside train --launcher accelerate`: two CPU processes (DDP over gloo) train one loadable adapter.
 
-Part of the scale suite (`make test-vllm`) because two processes of SmolLM2 took about 4 minutes on
-2 shared cores. It needs no vLLM, only accelerate, which bedside depends on.
+Part of the scale suite (`make test-vllm`) because two processes of SmolLM2 took 223 s on 2 CPU
+cores shared with other jobs. It needs no vLLM, only accelerate, which bedside depends on.
 """
 
 from __future__ import annotations

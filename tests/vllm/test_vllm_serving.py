@@ -173,7 +173,7 @@ def test_stopped_server_gives_clear_error(vllm_server, adapters_dir, demo_index_
     generator = VLLMGenerator.from_settings(Settings(vllm_url=vllm_server.url))
     vllm_server.stop()
 
-    with pytest.raises(VLLMError, match="did not answer .* after 3 attempt"):
+    with pytest.raises(VLLMError, match="did not respond to .* after 3 attempt"):
         generator.generate(PROMPT)
     env = {
         "BEDSIDE_VLLM_URL": vllm_server.url,
@@ -183,5 +183,5 @@ def test_stopped_server_gives_clear_error(vllm_server, adapters_dir, demo_index_
     result = run_cli("ask", QUESTION, "--backend", "vllm", "--index", str(demo_index_dir), env=env)
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"bedside: error: vLLM server at {vllm_server.url} did not answer")
+    assert last.startswith(f"bedside: error: vLLM server at {vllm_server.url} did not respond to")
     assert "make serve-vllm" in last
