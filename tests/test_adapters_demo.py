@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import DEMO_QUESTIONS, REPO
 
 pytest_plugins = ["tuning_support"]

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from peft import PeftModel
 
 from assistant.answer.generation import GenerationSettings
 from assistant.errors import ModelError
@@ -58,6 +59,13 @@ def test_base_route_unchanged_by_loading_adapters(fresh_generator, trained_adapt
     assert after == before
     assert batched == before
     assert torch.equal(raw_after, raw_before)
+
+    # unloading the last adapter takes the PEFT wrapping off again
+    for result in trained_adapters.values():
+        fresh_generator.unload_adapter(result.name)
+    assert fresh_generator.adapters == {}
+    assert not isinstance(fresh_generator.model, PeftModel)
+    assert fresh_generator.generate(prompts[0], None, settings) == before[0]
 
 
 def test_concurrent_requests_match_solo(adapter_generator, names):

@@ -96,9 +96,9 @@ def test_save_load_reproduces_logits(trained_adapters, base_model):
 
 def test_training_is_deterministic(tiny_data, tmp_path):
     from safetensors.torch import load_file
+    from tuning_support import train_adapter
 
     from assistant.config import Settings
-    from tuning_support import train_adapter
 
     settings = Settings(adapters_dir=tmp_path / "adapters", dtype="float32", device="cpu")
     runs = [train_adapter(settings, tiny_data["infectious_disease"], "infectious_disease", max_steps=2,
@@ -111,8 +111,9 @@ def test_training_is_deterministic(tiny_data, tmp_path):
 
 
 def test_existing_output_folder_rejected(tiny_data, tmp_path):
-    from assistant.config import Settings
     from tuning_support import train_adapter
+
+    from assistant.config import Settings
 
     (tmp_path / "taken").mkdir()
     with pytest.raises(BedsideError, match="already exists"):
@@ -122,11 +123,11 @@ def test_existing_output_folder_rejected(tiny_data, tmp_path):
 
 def test_full_finetune_folder_serves_as_base(tiny_data, tmp_path, base_model, model_spec, fresh_generator):
     from transformers import AutoModelForCausalLM
+    from tuning_support import train_adapter
 
     from assistant.config import Settings
     from assistant.tuning.loading import load_registered_adapter
     from assistant.tuning.registry import AdapterRegistry
-    from tuning_support import train_adapter
 
     settings = Settings(adapters_dir=tmp_path / "adapters", dtype="float32", device="cpu")
     full = train_adapter(settings, tiny_data["cardiology"], "cardiology", method="full", max_steps=2, lr=1e-4,

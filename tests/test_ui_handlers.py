@@ -88,6 +88,7 @@ def test_respond_streams_then_verifies(answered):
     streamed = [m[-1]["content"] for m, _, _ in answered[1:-1]]
     assert len(streamed) >= 2, "tokens should arrive as several replies"
     assert all("bedside-streaming" in bubble for bubble in streamed)
+    assert all(sources is None for _, _, sources in answered[1:-1]), "the panel changes only at the end"
     final_messages, session, _ = answered[-1]
     assert [m["role"] for m in final_messages] == ["user", "assistant"]
     assert "bedside-answer" in final_messages[-1]["content"]

@@ -105,10 +105,16 @@ class LocalGenerator:
             logger.info("adapter %s loaded in %.0f ms", name, (time.perf_counter() - start) * 1e3)
 
     def unload_adapter(self, name: str) -> None:
+        """Remove a loaded adapter; removing the last one restores the bare base model's own layers."""
         with self.lock:
-            if name in self.adapters:
+            if name not in self.adapters:
+                return
+            if len(self.adapters) == 1:
+                # a PeftModel left with no adapter fails on every call, so take the wrapping off entirely
+                self.model = self.model.unload()
+            else:
                 self.model.delete_adapter(name)
-                del self.adapters[name]
+            del self.adapters[name]
 
     def _set_adapter_layers(self, enabled: bool) -> None:
         """Switch every LoRA layer on or off.
@@ -117,6 +123,8 @@ class LocalGenerator:
         with anything else that loaded the same base in this process. Outside a generation call the
         layers stay off, so a forward pass through the bare base object computes the base model.
         Inside one, rows choose their adapter (or "__base__") through `adapter_names`.
+        NOTE: a forward pass through the bare base object from another thread, while a generation
+        call holds the lock, runs with the layers on and so applies the first loaded adapter.
         """
         from peft import PeftModel
 

@@ -144,10 +144,8 @@ class Assistant:
         # prompt: fenced numbered sources, fitted to the context window
         model, tokenizer = self.generator.model, self.generator.tokenizer
         limit = context_tokens or context_limit(model, tokenizer)
-        prompt = fit_prompt(question, hits, tokenizer, limit, self.generation.max_new_tokens)
-        if history:
-            # earlier turns of this clinician's own session only; sources stay in the last message
-            prompt.messages[1:1] = history
+        # history holds earlier turns of this clinician's own session only
+        prompt = fit_prompt(question, hits, tokenizer, limit, self.generation.max_new_tokens, history=history)
         for number, hit in enumerate(prompt.hits, 1):
             for injection in find_injections(hit.text):
                 flags.append({"type": "injection", "marker": number, "chunk_id": hit.chunk_id,

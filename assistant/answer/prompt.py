@@ -41,10 +41,12 @@ def format_source(number: int, hit: Hit) -> str:
     return f'<source id="{number}">\n[{number}] {hit.title} ({details})\n{hit.text}\n</source>'
 
 
-def build_messages(question: str, hits: list[Hit], system_prompt: str = SYSTEM_PROMPT) -> list[dict[str, str]]:
+def build_messages(question: str, hits: list[Hit], system_prompt: str = SYSTEM_PROMPT,
+                   history: list[dict[str, str]] | None = None) -> list[dict[str, str]]:
+    """System message, then earlier turns of the same session, then sources and the question."""
     sources = "\n\n".join(format_source(n, hit) for n, hit in enumerate(hits, 1))
     user = f"Sources:\n{sources}\n\nQuestion: {question}" if hits else f"Question: {question}"
-    return [{"role": "system", "content": system_prompt}, {"role": "user", "content": user}]
+    return [{"role": "system", "content": system_prompt}, *(history or []), {"role": "user", "content": user}]
 
 
 def count_prompt_tokens(tokenizer: Any, messages: list[dict[str, str]]) -> int:
@@ -62,20 +64,25 @@ def context_limit(model: Any, tokenizer: Any, override: int = 0) -> int:
 
 
 def fit_prompt(question: str, hits: list[Hit], tokenizer: Any, max_context: int, max_new_tokens: int,
-               system_prompt: str = SYSTEM_PROMPT) -> Prompt:
-    """Drop the lowest-ranked hits until prompt + `max_new_tokens` fits `max_context`.
+               system_prompt: str = SYSTEM_PROMPT, history: list[dict[str, str]] | None = None) -> Prompt:
+    """Drop the lowest-ranked hits, then the oldest history turns, until prompt + `max_new_tokens` fits.
 
     The system prompt and the question are never cut. If even the bare question does not fit, the
-    prompt is returned with no sources and the caller abstains.
+    prompt is returned with no sources.
     """
+    history = list(history or [])
     kept = list(hits)
     dropped: list[Hit] = []
     while True:
-        messages = build_messages(question, kept, system_prompt)
+        messages = build_messages(question, kept, system_prompt, history)
         tokens = count_prompt_tokens(tokenizer, messages)
-        if tokens + max_new_tokens <= max_context or not kept:
+        if tokens + max_new_tokens <= max_context or not (kept or history):
             break
-        dropped.insert(0, kept.pop())
+        if kept:
+            dropped.insert(0, kept.pop())
+        else:
+            # a user turn and its reply leave together, so the history stays well formed
+            history = history[2:]
     if dropped:
         logger.info("dropped %d lowest-ranked chunk(s) to fit the %d-token context", len(dropped), max_context)
     return Prompt(messages=messages, hits=kept, dropped=dropped, prompt_tokens=tokens)

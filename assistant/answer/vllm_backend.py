@@ -62,7 +62,7 @@ class ModelConfig:
 
 @dataclass
 class ServedBase:
-    """Stands in for the in-process model object: `config.max_position_embeddings` is the server's limit."""
+    """Replacement for the in-process model object: `config.max_position_embeddings` is the server's limit."""
 
     config: ModelConfig
 

@@ -93,7 +93,7 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     compare.add_argument("--lora-r", type=int, default=16, help="LoRA rank r (default: 16)")
     compare.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (default: 32)")
     compare.add_argument("--eval-limit", type=int, default=0, metavar="N",
-                         help="score the first N held-out examples (default: all)")
+                         help="score N held-out examples spread evenly over the file (default: all)")
     compare.add_argument("--general-text", type=Path, metavar="FILE",
                          help="plain-text file for forgetting (default: corpora/general/general_english.txt)")
     compare.add_argument("--canary-repeats", type=int, default=10, help="copies of each canary (default: 10)")

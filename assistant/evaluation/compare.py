@@ -29,6 +29,7 @@ from assistant import __version__, models
 from assistant.config import Settings
 from assistant.errors import BedsideError
 from assistant.evaluation import canaries as canary_lib
+from assistant.evaluation.datasets import spread
 from assistant.evaluation.scoring import (
     decision_heldout,
     detect_task,
@@ -117,12 +118,22 @@ def sha256_file(path: Path) -> str:
 
 def prepare_training_file(config: CompareConfig, out: Path) -> tuple[Path, list[canary_lib.Canary]]:
     """Copy the training lines with the canaries inserted; the original file is not changed."""
-    lines = [line for line in Path(config.data).read_text(encoding="utf-8").splitlines() if line.strip()]
+    # split on "\n" only: str.splitlines() would also split inside a JSON string holding U+2028
+    lines = [_ascii_line(line) for line in Path(config.data).read_text(encoding="utf-8").split("\n")
+             if line.strip()]
     canaries = canary_lib.make_canaries(config.seed) if config.canary_repeats else []
     mixed = canary_lib.insert_canaries(lines, canaries, config.canary_repeats, config.seed)
     path = out / "data" / "train_with_canaries.jsonl"
     atomic_write_text(path, "\n".join(mixed) + "\n")
     return path, canaries
+
+
+def _ascii_line(line: str) -> str:
+    """Re-serialise a JSON line with ASCII escapes; an invalid line is kept for the recipe to report."""
+    try:
+        return json.dumps(json.loads(line), ensure_ascii=True)
+    except json.JSONDecodeError:
+        return line
 
 
 # training in a child process
@@ -289,7 +300,8 @@ def run_compare(config: CompareConfig, settings: Settings) -> dict[str, Any]:
         if (artifacts / method).exists():
             raise BedsideError(f"{str(artifacts / method)!r} already exists from an earlier run; pass another "
                                "--out or remove that folder")
-    eval_examples = load_chat_examples(Path(config.eval), config.eval_limit)
+    eval_examples = load_chat_examples(Path(config.eval))
+    eval_examples = [eval_examples[i] for i in spread(list(range(len(eval_examples))), config.eval_limit)]
     task = detect_task(eval_examples)
     general_lines = load_text_lines(Path(config.general_text))
     train_data, canaries = prepare_training_file(config, out)

@@ -149,7 +149,9 @@ def write_pubmedqa_training(data: PubMedQA, out_dir: Path) -> tuple[Path, Path]:
     paths = []
     for split in ("train", "test"):
         path = Path(out_dir) / f"pubmedqa_{split}.jsonl"
-        lines = [json.dumps(r, ensure_ascii=False) for r in pubmedqa_training_records(data, split)]
+        # ASCII escapes keep U+2028 and U+2029 (present in some abstracts) from splitting a line in
+        # readers that use str.splitlines()
+        lines = [json.dumps(r, ensure_ascii=True) for r in pubmedqa_training_records(data, split)]
         atomic_write_text(path, "\n".join(lines) + "\n")
         paths.append(path)
     logger.info("PubMedQA training data written to %s and %s", *paths)

@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 PLOTS = {"quality_vs_cost": "quality_vs_cost.png", "loss_curves": "loss_curves.png",
          "memorization": "memorization.png"}
 METRIC_NAMES = {"accuracy": "decision accuracy", "rougeL_f1": "ROUGE-L F1"}
+COLORS = {"base": "tab:gray", "full": "tab:blue", "lora": "tab:orange", "qlora": "tab:green"}
 
 
 def write_report(report: dict[str, Any], out: Path) -> None:
@@ -47,10 +48,10 @@ def write_plots(report: dict[str, Any], out: Path) -> dict[str, str]:
     for name, row in results.items():
         seconds = row["training"]["train_seconds"] if name != "base" else 0.0
         params = row["training"]["trainable_parameters"] if name != "base" else 1
-        left.scatter(seconds, row["task"]["value"], s=60)
+        left.scatter(seconds, row["task"]["value"], s=60, color=COLORS.get(name))
         left.annotate(name, (seconds, row["task"]["value"]), textcoords="offset points", xytext=(5, 5))
         if name != "base":
-            right.scatter(params, row["heldout"]["loss"], s=60)
+            right.scatter(params, row["heldout"]["loss"], s=60, color=COLORS.get(name))
             right.annotate(name, (params, row["heldout"]["loss"]), textcoords="offset points", xytext=(5, 5))
     right.axhline(results["base"]["heldout"]["loss"], color="grey", linestyle="--", label="base (untrained)")
     left.set_xlabel("training wall time (s)")
@@ -69,7 +70,8 @@ def write_plots(report: dict[str, Any], out: Path) -> dict[str, str]:
     for name in methods:
         history = results[name]["training"].get("loss_history") or []
         if history:
-            axis.plot([step for step, _ in history], [loss for _, loss in history], marker=".", label=name)
+            axis.plot([step for step, _ in history], [loss for _, loss in history], marker=".", label=name,
+                      color=COLORS.get(name))
     axis.set_xlabel("optimizer step")
     axis.set_ylabel("training loss")
     axis.set_title("training loss (same data, seed and budget)")
@@ -148,6 +150,14 @@ def results_table(report: dict[str, Any]) -> str:
     return markdown_table(rows)
 
 
+def _winner(methods: list[str], value: Any, lowest: bool = True) -> str:
+    """Name the method with the lowest (or highest) value, or say that they tie."""
+    values = {m: value(m) for m in methods}
+    target = min(values.values()) if lowest else max(values.values())
+    best = [m for m in methods if values[m] == target]
+    return best[0] if len(best) == 1 else "tie (" + ", ".join(best) + ")"
+
+
 def decision_lines(report: dict[str, Any]) -> list[str]:
     """One bullet per decision dimension, each stating the measured numbers and which method they favour."""
     results = report["results"]
@@ -156,8 +166,8 @@ def decision_lines(report: dict[str, Any]) -> list[str]:
     metric = METRIC_NAMES.get(base["task"]["metric"], base["task"]["metric"])
     lines = []
 
-    best_task = max(methods, key=lambda m: results[m]["task"]["value"])
-    best_loss = min(methods, key=lambda m: results[m]["heldout"]["loss"])
+    best_task = _winner(methods, lambda m: results[m]["task"]["value"], lowest=False)
+    best_loss = _winner(methods, lambda m: results[m]["heldout"]["loss"])
     quality = ", ".join(f"{m} {results[m]['task']['value']:.3f} (loss {results[m]['heldout']['loss']:.4f})"
                         for m in methods)
     lines.append(f"**Quality.** {metric} on {base['task']['examples']} held-out examples: base "
@@ -166,18 +176,18 @@ def decision_lines(report: dict[str, Any]) -> list[str]:
 
     forgetting = ", ".join(
         f"{m} {results[m]['general_text']['perplexity'] - base['general_text']['perplexity']:+.2f}" for m in methods)
-    least = min(methods, key=lambda m: results[m]["general_text"]["perplexity"])
+    least = _winner(methods, lambda m: results[m]["general_text"]["perplexity"])
     lines.append(f"**Forgetting.** Change in perplexity on the general-English set "
                  f"(base {base['general_text']['perplexity']:.2f}): {forgetting}. Least forgetting: {least}.")
 
     cost = ", ".join(f"{m} {results[m]['training']['seconds_per_step']:.2f} s/step, peak RSS "
                      f"{_mb(results[m]['training']['peak_rss_mb'])} MB" for m in methods)
-    cheapest = min(methods, key=lambda m: results[m]["training"]["seconds_per_step"])
+    cheapest = _winner(methods, lambda m: results[m]["training"]["seconds_per_step"])
     lines.append(f"**Compute cost.** {cost}. Cheaper per step: {cheapest}.")
 
     speed = ", ".join(f"{m} {results[m]['training']['wall_seconds']:.0f} s from start to saved artifact"
                       for m in methods)
-    fastest = min(methods, key=lambda m: results[m]["training"]["wall_seconds"])
+    fastest = _winner(methods, lambda m: results[m]["training"]["wall_seconds"])
     lines.append(f"**Iteration speed.** {speed}. Faster turnaround: {fastest}.")
 
     rollback = []
@@ -198,7 +208,7 @@ def decision_lines(report: dict[str, Any]) -> list[str]:
         privacy = ", ".join(f"{m} {results[m]['memorization']['mean_exposure']:.2f} bits "
                             f"({sum(c['extracted'] for c in results[m]['memorization']['canaries'])} of "
                             f"{len(memo['canaries'])} extracted)" for m in methods)
-        safest = min(methods, key=lambda m: results[m]["memorization"]["mean_exposure"])
+        safest = _winner(methods, lambda m: results[m]["memorization"]["mean_exposure"])
         lines.append(f"**Privacy.** Mean canary exposure (base {memo['mean_exposure']:.2f} bits, maximum "
                      f"{memo['canaries'][0]['max_exposure']:.2f}): {privacy}. Lower exposure: {safest}.")
     return lines

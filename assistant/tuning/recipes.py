@@ -68,7 +68,6 @@ class TrainResult:
 
 def train(config: TrainConfig, settings: Settings, progress: bool = False) -> TrainResult:
     """Train one adapter (lora, qlora) or one full model (full) as set by `config`; see the module docstring."""
-    import torch
     from transformers import AutoTokenizer, PrinterCallback, Trainer, TrainingArguments, set_seed
 
     # settings and data: every check that needs no model runs first
@@ -311,6 +310,7 @@ def setup_lora(model: Any, config: TrainConfig) -> Any:
 
 
 def setup_qlora(model: Any, config: TrainConfig) -> Any:
+    # NOTE: the test suite runs on CPU only, so this path and the 4-bit load above are not covered there
     from peft import prepare_model_for_kbit_training
 
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)

@@ -122,7 +122,8 @@ def build_app(assistant: Any, audit: Any = None, title: str = "bedside") -> gr.B
         state = session
         for messages, state, sources in handlers.respond(assistant, question, specialty, session, user):
             # the question box clears at once; the feedback list changes only when the answer is final
-            yield messages, state, sources, ("" if first else gr.skip()), gr.skip()
+            panel = gr.skip() if sources is None else sources
+            yield messages, state, panel, ("" if first else gr.skip()), gr.skip()
             first = False
         choices = handlers.feedback_choices(state)
         yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), \

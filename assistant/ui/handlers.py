@@ -40,7 +40,7 @@ SHOWN_ELSEWHERE = {"unsupported", "auto_cited", "abstained"}
 CHUNK_SENTENCE = re.compile(r"\S[^\n]*?(?:[.!?](?=\s|$)|$)", re.MULTILINE)
 
 Messages = list[dict[str, str]]
-Reply = tuple[Messages, dict[str, Any], str]
+Reply = tuple[Messages, dict[str, Any], str | None]
 
 
 # session state
@@ -121,6 +121,7 @@ def respond(assistant: Any, question: str, specialty: str | None, session: dict[
     """Answer one question, yielding (chat messages, session, sources panel HTML) as the answer grows.
 
     Tokens stream into a bubble marked as not yet verified; the verified answer then replaces it.
+    The sources HTML is None while tokens stream, because the panel only changes with the final answer.
     A failure becomes an error bubble in the chat and the session stays usable.
     """
     session = claim_session(session, user)
@@ -145,7 +146,7 @@ def respond(assistant: Any, question: str, specialty: str | None, session: dict[
             if event.kind == "token":
                 streamed += event.text
                 bubble = {"role": "assistant", "content": render_streaming(streamed)}
-                yield earlier + [question_message, bubble], session, render_sources(session)
+                yield earlier + [question_message, bubble], session, None
             elif event.kind == "answer":
                 answer = event.answer
         if answer is None:
