@@ -345,7 +345,8 @@ def run_compare(config: CompareConfig, settings: Settings) -> dict[str, Any]:
                                     "examples": len(train_examples), "tokens": train_tokens},
             "eval": {"path": config.eval, "sha256": sha256_file(Path(config.eval)),
                      "examples_scored": len(eval_examples), "task": task},
-            "general_text": {"path": config.general_text, "sha256": sha256_file(Path(config.general_text)),
+            "general_text": {"path": display_path(config.general_text),
+                             "sha256": sha256_file(Path(config.general_text)),
                              "lines": len(general_lines)},
         },
         "budget": {"max_steps": config.max_steps, "batch_size": config.batch_size,
@@ -371,6 +372,14 @@ def token_count(tokenizer: Any, examples: list[Any], max_seq_length: int) -> dic
     rows = tokenize_examples(tokenizer, examples, max_seq_length)
     return {"all": sum(len(r["input_ids"]) for r in rows),
             "answer": sum(sum(label != IGNORE_INDEX for label in r["labels"]) for r in rows)}
+
+
+def display_path(path: str) -> str:
+    """A path inside this checkout relative to its root (stable across machines), others unchanged."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return path
 
 
 def machine_summary(device: str) -> dict[str, Any]:
