@@ -2,11 +2,11 @@
 
     python -m benchmarks.drafting [--input DIR] [--stays 16] [--batch-size 8] [--max-new-tokens 128]
 
-Loads the models once, drafts the first N ended inpatient stays of the input twice (batch size B,
-then batch size 1) into temporary folders, and prints drafts per minute, generated tokens per second
-(generated tokens re-tokenized from the output text, over the time spent inside `generate`) and the
-batched/solo ratios, plus how many drafts came out identical in both runs. Nothing is written to the
-audit log. Add the printed row to docs/benchmarks.md with the machine and date.
+Loads the models once and drafts the first N ended inpatient stays of the input twice, with batch
+size B and then with batch size 1, into temporary folders. Prints drafts per minute, generated tokens
+per second and the batched/solo ratios, plus how many drafts came out identical in both runs.
+Generated tokens are the output text re-tokenized, over the time spent inside `generate`. Nothing is
+written to the audit log. Add the printed row to docs/benchmarks.md with the machine and date.
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ def test_compare_report_has_every_field(tiny_compare):
         assert results[method]["load_seconds"] > 0
     full, lora = results["full"]["training"], results["lora"]["training"]
     assert full["trainable_parameters"] == full["total_parameters"]
-    assert 0 < lora["trainable_parameters"] < full["trainable_parameters"] / 50
+    assert 0 < lora["trainable_parameters"] < full["trainable_parameters"] / 20
     assert results["lora"]["artifact"]["bytes"] < results["full"]["artifact"]["bytes"] / 20
     assert "adapter_model.safetensors" in results["lora"]["artifact"]["files"]
     # the same budget for both: same steps, batch and data

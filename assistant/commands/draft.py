@@ -1,8 +1,8 @@
 """`bedside draft-discharge`: batch discharge-summary drafts from FHIR or notes JSONL.
 
-Exit status: 0 when every selected stay was drafted or was already up to date; otherwise the number
-of records listed in DIR/errors.jsonl (failed stays, unreadable lines, invalid resources), capped at
-125. A fatal error (bad flags, unreadable input folder) prints one line and exits 1.
+Exit status: 0 when every selected stay was drafted or was already up to date. Otherwise it is the
+number of records listed in DIR/errors.jsonl (failed stays, unreadable lines, invalid resources),
+capped at 125. A fatal error (invalid flags, a missing input) prints one line and exits 1.
 """
 
 from __future__ import annotations

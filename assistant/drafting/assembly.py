@@ -1,9 +1,10 @@
 """Stay assembly: join FHIR resources to their encounter and derive each section's facts.
 
-A resource belongs to a stay when its encounter reference points to the stay's Encounter, or, when
-it has no encounter reference, when its own time (authoredOn, performed, date…) falls inside the
-stay's period and its subject is the stay's patient. Every joined resource must have the stay's
-patient as subject; a mismatch fails the stay rather than mix two patients in one draft.
+A resource belongs to a stay when its encounter reference points to the stay's Encounter. A
+resource without an encounter reference belongs to it when its own time (authoredOn, performed,
+date…) falls inside the stay's period and its subject is the stay's patient. Every joined resource
+must have the stay's patient as subject, and a mismatch fails the stay rather than mix two patients
+in one draft.
 
 The rules each section follows (the tests recompute them from the raw ndjson):
 
@@ -90,12 +91,12 @@ def stays_from_fhir(
     links = _index_links(data)
 
     # candidates: encounters of the drafted classes, in admission order
-    wanted = dict.fromkeys(encounter_ids) if encounter_ids else None
+    requested = dict.fromkeys(encounter_ids) if encounter_ids else None
     candidates: list[tuple[FhirRecord, str]] = []
     for record in data.of_type("Encounter"):
         kind = _stay_kind(record.resource, include_emergency)
-        if wanted is not None and record.id in wanted:
-            wanted[record.id] = record
+        if requested is not None and record.id in requested:
+            requested[record.id] = record
             if kind is None:
                 errors.append(
                     RecordError(
@@ -111,14 +112,14 @@ def stays_from_fhir(
             candidates.append((record, kind))
     candidates.sort(key=lambda item: (_sort_time(item[0].resource), item[0].id))
     discovered = len(candidates)
-    if wanted is not None:
-        for missing in [key for key, value in wanted.items() if value is None]:
+    if requested is not None:
+        for missing in [key for key, value in requested.items() if value is None]:
             errors.append(
                 RecordError(
                     reason=f"encounter {missing} is not in the input; check the id", encounter_id=missing
                 )
             )
-        candidates = [item for item in candidates if item[0].id in wanted]
+        candidates = [item for item in candidates if item[0].id in requested]
 
     # stays that have not ended yet are not drafted and not failures
     not_ended = []
@@ -214,7 +215,7 @@ def _encounter_references(raw: dict[str, Any]) -> list[str]:
         references.append(raw["encounter"].get("reference"))
     context = raw.get("context")
     if isinstance(context, dict):
-        # DocumentReference (R4): context.encounter is a list of references
+        # in FHIR R4, DocumentReference.context.encounter is a list of references
         references += [
             ref.get("reference") for ref in context.get("encounter") or [] if isinstance(ref, dict)
         ]
@@ -299,8 +300,8 @@ def _assemble(record: FhirRecord, kind: str, data: FhirInput, links: _Links) -> 
             f"{key} has status {raw.get('status')!r} but no period.end, so the discharge time is "
             "unknown; add period.end, or set status to in-progress if the stay has not ended"
         )
-    admitted_at = parse_time(period["start"], what=f"{key} period.start")
-    discharged_at = parse_time(period["end"], end=True, what=f"{key} period.end")
+    admitted_at = parse_time(period["start"], label=f"{key} period.start")
+    discharged_at = parse_time(period["end"], end=True, label=f"{key} period.end")
     if discharged_at < admitted_at:
         raise StayError(f"{key} ends ({period['end']}) before it starts ({period['start']}); fix the period")
 
@@ -349,11 +350,11 @@ def _assemble(record: FhirRecord, kind: str, data: FhirInput, links: _Links) -> 
     return stay
 
 
-def _resolve(data: FhirInput, reference: str | None, what: str) -> FhirRecord | None:
+def _resolve(data: FhirInput, reference: str | None, label: str) -> FhirRecord | None:
     try:
         return data.resolve(reference)
     except StayError as err:
-        raise StayError(f"{what}: {err}") from err
+        raise StayError(f"{label}: {err}") from err
 
 
 def _own_records(
@@ -364,7 +365,7 @@ def _own_records(
     data: FhirInput,
     links: _Links,
 ) -> dict[str, list[FhirRecord]]:
-    """The stay's own resources: linked by encounter reference, or by time when they have none."""
+    """Collect the stay's own resources: linked by encounter reference, or by time when they have none."""
     own: dict[str, list[FhirRecord]] = defaultdict(list)
     for record in links.by_encounter.get(encounter.key, []):
         if record.position in links.problems:
@@ -383,7 +384,7 @@ def _own_records(
     for record in links.by_patient.get(patient.key, []):
         if record.type in TIME_FIELDS and not _encounter_references(record.resource):
             when = _first_time(record.resource, TIME_FIELDS[record.type])
-            if when and start <= parse_time(when, what=f"{record.key} time") <= end:
+            if when and start <= parse_time(when, label=f"{record.key} time") <= end:
                 data.model(record)
                 own[record.type].append(record)
     return own
@@ -470,7 +471,7 @@ def _status_code(concept: dict[str, Any] | None) -> str | None:
 def _group(
     records: list[FhirRecord], concept_of: Any, time_paths: tuple[str, ...], status: str | None = None
 ) -> list[Fact]:
-    """One fact per code (or text), listing every record that carries it, earliest time first."""
+    """Group records into one fact per code (or text) that lists every record carrying it, earliest first."""
     groups: dict[str, list[FhirRecord]] = {}
     for record in records:
         concept = concept_of(record)
@@ -562,8 +563,8 @@ def _diagnoses(
         if onset is None:
             active = _status_code(raw.get("clinicalStatus")) in ACTIVE_CONDITION
         else:
-            active = parse_time(onset, what=f"{record.key} onset") <= end and (
-                abated is None or parse_time(abated, end=True, what=f"{record.key} abatement") >= start
+            active = parse_time(onset, label=f"{record.key} onset") <= end and (
+                abated is None or parse_time(abated, end=True, label=f"{record.key} abatement") >= start
             )
         if active:
             chosen.append((record, False))
@@ -650,16 +651,16 @@ def _bounds_end(raw: dict[str, Any]) -> str | None:
 
 
 def medication_ongoing_at(raw: dict[str, Any], moment: dt.datetime) -> bool:
-    """Whether a MedicationRequest was running at `moment` under the rule in the module docstring."""
+    """Return whether a MedicationRequest was running at `moment`, by the rule in the module docstring."""
     status = raw.get("status")
     if status in NEVER_ONGOING_STATUSES:
         return False
     authored = raw.get("authoredOn")
-    if authored and parse_time(authored, what="authoredOn") > moment:
+    if authored and parse_time(authored, label="authoredOn") > moment:
         return False
     end = _bounds_end(raw)
     if end is not None:
-        return parse_time(end, end=True, what="bounds end") >= moment
+        return parse_time(end, end=True, label="bounds end") >= moment
     return status in ONGOING_MEDICATION_STATUSES
 
 
@@ -725,7 +726,7 @@ def _allergies(records: list[FhirRecord], end: dt.datetime) -> list[Fact]:
         if _status_code(raw.get("clinicalStatus")) in INACTIVE_ALLERGY:
             continue
         recorded = _first_time(raw, ("recordedDate", "onsetDateTime"))
-        if recorded and parse_time(recorded, what=f"{record.key} recordedDate") > end:
+        if recorded and parse_time(recorded, label=f"{record.key} recordedDate") > end:
             continue
         reactions = []
         for reaction in raw.get("reaction") or []:

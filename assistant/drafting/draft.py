@@ -91,8 +91,8 @@ def _days(count: int) -> str:
 
 
 def _source_ids(fact: Fact) -> str:
-    shown = ", ".join(f"`{s}`" for s in fact.sources[:3])
-    return shown + (f" and {len(fact.sources) - 3} more" if len(fact.sources) > 3 else "")
+    listed = ", ".join(f"`{s}`" for s in fact.sources[:3])
+    return listed + (f" and {len(fact.sources) - 3} more" if len(fact.sources) > 3 else "")
 
 
 def _fact_line(fact: Fact) -> str:

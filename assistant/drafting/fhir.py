@@ -1,9 +1,9 @@
 """Reading FHIR R4 input: bulk-export ndjson (one resource a line) and Bundle JSON files.
 
 Lines and files that cannot be read become `RecordError`s and reading goes on. Resources are
-validated with `fhir.resources` (its R4B models: R4B changed none of the fields used here from R4)
-lazily, the first time a stay needs them, so a large export is parsed once as plain JSON and only
-the patients being drafted pay for validation.
+validated with the R4B models of `fhir.resources`, because R4B changed none of the fields used here
+from R4. Validation is lazy, the first time a stay needs a resource, so a large export is parsed
+once as plain JSON and only the patients being drafted pay for validation.
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ def read_fhir(path: Path) -> FhirInput:
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in {".ndjson", ".json"})
         if not files:
             raise StayError(
-                f"folder {str(path)!r} holds no .ndjson or .json files; pass a FHIR bulk-export "
+                f"folder {str(path)!r} contains no .ndjson or .json files; pass a FHIR bulk-export "
                 "folder, a Bundle file, or --format notes for notes JSONL"
             )
     elif path.is_file():
@@ -204,7 +204,7 @@ def _read_ndjson(file: Path, data: FhirInput) -> None:
                 data.unreadable.append((error, raw.decode("utf-8", "replace")))
                 continue
             if number == 1 and isinstance(resource, dict) and "resourceType" not in resource:
-                # a bulk-export client's log.ndjson sits beside the resources; it holds no FHIR
+                # a bulk-export client writes log.ndjson beside the resources, and it contains no FHIR
                 logger.info("skipped %s: its first line is not a FHIR resource", file.name)
                 return
             _add_resource(resource, data, file, number)

@@ -5,9 +5,9 @@ lines are collapsed to one with a count, then, if the notes still exceed the bud
 a share of it proportional to its length, cut at a line or sentence end. Every fitted note is
 reported in the draft's flags.
 
-Provenance: each generated sentence is compared (cosine similarity of all-MiniLM-L6-v2 embeddings,
-or whichever embedder is configured) with passages of the stay's notes and with each structured
-fact; the closest one is its source and the similarity its support score.
+Provenance: each generated sentence is compared with passages of the stay's notes and with each
+structured fact, by cosine similarity of embeddings from the configured embedder (all-MiniLM-L6-v2
+by default). The closest one is the sentence's source, and the similarity is its support score.
 """
 
 from __future__ import annotations
@@ -161,12 +161,12 @@ def fitting_flags(fitted: list[FittedNote], budget: int) -> list[dict[str, Any]]
 def _fact_lines(label: str, facts: list[Fact]) -> list[str]:
     if not facts:
         return []
-    shown = [
+    listed = [
         f.text + (f" ({f.detail})" if f.detail and f.detail.endswith("times") else "")
         for f in facts[:MAX_PROMPT_FACTS]
     ]
     more = f"; and {len(facts) - MAX_PROMPT_FACTS} more" if len(facts) > MAX_PROMPT_FACTS else ""
-    return [f"- {label}: " + "; ".join(shown) + more]
+    return [f"- {label}: " + "; ".join(listed) + more]
 
 
 def facts_block(stay: Stay) -> str:
@@ -206,7 +206,7 @@ class EvidenceUnit:
 
 
 def evidence_units(stay: Stay) -> list[EvidenceUnit]:
-    """The texts a sentence may rest on: note passages and one line per structured fact."""
+    """Build the texts a sentence may rest on: note passages and one line per structured fact."""
     units = [
         EvidenceUnit(
             stay.encounter_source,

@@ -8,9 +8,10 @@ Each line is an object::
      "medications": ["Amoxicillin 500 mg", {"name": "...", "dose": "...", "change": "new"}]}
 
 `encounter_id`, `patient_id`, `admitted`, `discharged` and a non-empty `notes` list are required.
-Optional lists, each of strings or objects with a `name`: `diagnoses`, `medications` (`change` is
-new, continued, changed or stopped, relative to admission), `procedures`, `allergies`, `follow_up`;
-optional `reason` (a string or a list of them) and `kind` ("inpatient", the default, or "emergency").
+Optional lists, each of strings or objects with a `name`, are `diagnoses`, `medications`,
+`procedures`, `allergies` and `follow_up`. A medication's `change` relative to admission is new,
+continued, changed or stopped. Optional `reason` is a string or a list of them, and optional `kind`
+is "inpatient" (the default) or "emergency".
 Dates are ISO 8601; a time without a zone is read as UTC.
 """
 
@@ -51,83 +52,83 @@ def read_notes(
     path = Path(path)
     if not path.is_file():
         raise StayError(f"notes file {str(path)!r} not found; pass a JSONL file with one stay a line")
-    wanted = set(encounter_ids) if encounter_ids else None
+    requested = set(encounter_ids) if encounter_ids else None
     stays: list[Stay] = []
     errors: list[RecordError] = []
     seen: dict[str, int] = {}
     discovered = 0
+
+    # one stay a line; a line that fails is reported by number
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, 1):
             if not raw.strip():
                 continue
-            try:
-                record = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                reason = err.msg if isinstance(err, json.JSONDecodeError) else "not UTF-8"
-                errors.append(
-                    RecordError(
-                        reason=f"line {number} of {path.name} is not valid JSON ({reason}); "
-                        "the line was skipped",
-                        file=str(path),
-                        line=number,
-                    )
-                )
+            parsed = _parse_line(raw, number, path)
+            if isinstance(parsed, RecordError):
+                errors.append(parsed)
                 continue
-            encounter_id = record.get("encounter_id") if isinstance(record, dict) else None
-            try:
-                stay = stay_from_record(record, f"line {number} of {path.name}")
-            except StayError as err:
-                errors.append(
-                    RecordError(
-                        reason=str(err),
-                        encounter_id=encounter_id if isinstance(encounter_id, str) else None,
-                        file=str(path),
-                        line=number,
-                    )
-                )
-                continue
-            if stay.kind == "emergency" and not include_emergency:
+            if parsed.kind == "emergency" and not include_emergency:
                 continue
             discovered += 1
-            if stay.encounter_id in seen:
+            if parsed.encounter_id in seen:
                 errors.append(
                     RecordError(
-                        reason=f"encounter_id {stay.encounter_id!r} also appears on line "
-                        f"{seen[stay.encounter_id]}; each stay must have its own id",
-                        encounter_id=stay.encounter_id,
+                        reason=f"encounter_id {parsed.encounter_id!r} also appears on line "
+                        f"{seen[parsed.encounter_id]}; each stay must have its own id",
+                        encounter_id=parsed.encounter_id,
                         file=str(path),
                         line=number,
                     )
                 )
                 continue
-            seen[stay.encounter_id] = number
-            if wanted is None or stay.encounter_id in wanted:
-                stays.append(stay)
-    if wanted is not None:
-        for missing in sorted(wanted - set(seen)):
-            errors.append(
-                RecordError(
-                    reason=f"encounter {missing} is not in {path.name}; check the id", encounter_id=missing
-                )
-            )
+            seen[parsed.encounter_id] = number
+            if requested is None or parsed.encounter_id in requested:
+                stays.append(parsed)
+
+    # selection: requested ids that are absent, then admission order and the limit
+    for missing in sorted((requested or set()) - set(seen)):
+        reason = f"encounter {missing} is not in {path.name}; check the id"
+        errors.append(RecordError(reason=reason, encounter_id=missing))
     stays.sort(key=lambda s: (s.admitted_at, s.encounter_id))
     if limit is not None:
         stays = stays[:limit]
     return ReadResult(stays=stays, errors=errors, discovered=discovered)
 
 
-def _time(value: Any, what: str, *, end: bool = False) -> dt.datetime:
-    if not isinstance(value, str) or not value.strip():
-        raise StayError(f"{what} is missing; give it as an ISO 8601 date or date and time")
+def _parse_line(raw: bytes, number: int, path: Path) -> Stay | RecordError:
     try:
-        return parse_time(value, end=end, what=what)
+        record = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        reason = err.msg if isinstance(err, json.JSONDecodeError) else "not UTF-8"
+        return RecordError(
+            reason=f"line {number} of {path.name} is not valid JSON ({reason}); the line was skipped",
+            file=str(path),
+            line=number,
+        )
+    try:
+        return stay_from_record(record, f"line {number} of {path.name}")
+    except StayError as err:
+        encounter_id = record.get("encounter_id") if isinstance(record, dict) else None
+        return RecordError(
+            reason=str(err),
+            encounter_id=encounter_id if isinstance(encounter_id, str) else None,
+            file=str(path),
+            line=number,
+        )
+
+
+def _time(value: Any, label: str, *, end: bool = False) -> dt.datetime:
+    if not isinstance(value, str) or not value.strip():
+        raise StayError(f"{label} is missing; give it as an ISO 8601 date or date and time")
+    try:
+        return parse_time(value, end=end, label=label)
     except StayError:
         pass
     try:
         moment = dt.datetime.fromisoformat(value.strip())
     except ValueError as err:
         raise StayError(
-            f"{what} {value!r} is not a valid date; write it as YYYY-MM-DD or YYYY-MM-DDThh:mm"
+            f"{label} {value!r} is not a valid date; write it as YYYY-MM-DD or YYYY-MM-DDThh:mm"
         ) from err
     return moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)
 

@@ -1,7 +1,7 @@
 """Guideline-based recommendations: index passages retrieved for the stay's diagnoses, quoted with citations.
 
 The recommendation text is quoted from the guideline chunk (its sentence closest to the diagnosis),
-never generated, so each line says exactly what the cited source says. A diagnosis whose best hit
+never generated, so each line states exactly what the cited source states. A diagnosis whose best hit
 does not pass the relevance gate yields nothing; a stay with no relevant hit gets no recommendations.
 """
 

@@ -6,9 +6,9 @@ stopped. Records that fail are listed in DIR/errors.jsonl (rewritten atomically 
 the run goes on.
 
 Batches are formed from stays sorted by prompt length, so rows of one batch need little padding.
-A batched draft equals the same draft made alone (greedy decoding, fp32): generation pads on the
-left with an attention mask, and every embedding used for scoring is computed one text at a time,
-so no number depends on which other stays share the batch. In bfloat16 batched rows can differ from
+A batched draft equals the same draft made alone (greedy decoding, fp32). Generation pads on the
+left with an attention mask, and the embeddings used for scoring are computed from one stay's texts
+at a time, so no number depends on which other stays share the batch. In bfloat16 batched rows can differ from
 solo ones in the last bits, which may flip a greedy choice; the dtype and batch size are recorded
 in every draft for that reason.
 """
@@ -62,7 +62,7 @@ MAX_EXIT_STATUS = 125
 
 @dataclass
 class DraftOptions:
-    """What to draft and how; the settings object covers models, index and audit."""
+    """Options of one drafting run; the settings object covers models, index and audit."""
 
     input_format: str | None = None
     specialty: str | None = None
@@ -180,7 +180,7 @@ def read_stays(input_path: Path, options: DraftOptions) -> ReadResult:
 
 
 def draft_config(settings: Settings, options: DraftOptions) -> dict[str, Any]:
-    """The settings that shape a draft's content; a change in any of them makes drafts stale."""
+    """Return the settings that shape a draft's content; a change in any of them makes drafts stale."""
     from assistant import models
     from assistant.indexing import IndexStore
 
@@ -217,7 +217,7 @@ def input_hash(stay: Stay, config: dict[str, Any]) -> str:
 
 
 def finished_hash(out_dir: Path, encounter_id: str) -> str | None:
-    """The input hash of a finished draft in `out_dir`, or None when it is missing or unreadable."""
+    """Return the input hash of a finished draft in `out_dir`, or None when it is missing or unreadable."""
     json_path, md_path = out_dir / f"{encounter_id}.json", out_dir / f"{encounter_id}.md"
     if not (json_path.is_file() and md_path.is_file()):
         return None
@@ -523,7 +523,8 @@ def _finish(
     }
     draft["timings"] = timings
 
-    # record first: a crash between the audit row and the files redoes the draft, never loses its record
+    # The audit row goes first. A crash before the files are written redoes the draft on the next run,
+    # so every draft on disk has its audit row.
     if resources.audit is not None:
         draft["audit_id"] = resources.audit.record(
             kind="draft",

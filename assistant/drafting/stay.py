@@ -1,4 +1,4 @@
-"""A hospital stay as the drafter sees it: structured facts with their record ids, and the notes.
+"""A hospital stay as the drafter uses it: structured facts with their record ids, and the notes.
 
 Readers (`fhir`, `notes`) build `Stay` objects; nothing downstream looks at the input format again.
 Every fact keeps the ids of the records it was taken from (`Condition/<id>`, `notes:<encounter>#…`),
@@ -27,7 +27,7 @@ class StayError(BedsideError):
     """A stay that cannot be drafted; the message names the record and the reason."""
 
 
-def parse_time(value: str, *, end: bool = False, what: str = "date") -> dt.datetime:
+def parse_time(value: str, *, end: bool = False, label: str = "date") -> dt.datetime:
     """Parse a FHIR date or dateTime into an aware datetime for comparisons.
 
     Partial dates cover a span: with `end=False` they mean its first instant, with `end=True` its
@@ -37,7 +37,7 @@ def parse_time(value: str, *, end: bool = False, what: str = "date") -> dt.datet
     match = FHIR_DATETIME.match(value.strip()) if isinstance(value, str) else None
     if not match:
         raise StayError(
-            f"{what} {value!r} is not a valid date; write it as YYYY-MM-DD or YYYY-MM-DDThh:mm:ss+zz:zz"
+            f"{label} {value!r} is not a valid date; write it as YYYY-MM-DD or YYYY-MM-DDThh:mm:ss+zz:zz"
         )
     year = int(match["year"])
     month = int(match["month"] or (12 if end else 1))
@@ -53,16 +53,16 @@ def parse_time(value: str, *, end: bool = False, what: str = "date") -> dt.datet
         else:
             day = dt.date(year, month, 1)
     except ValueError as err:
-        raise StayError(f"{what} {value!r} is not a valid date ({err})") from err
+        raise StayError(f"{label} {value!r} is not a valid date ({err})") from err
     clock = dt.time.max if end else dt.time.min
     return dt.datetime.combine(day, clock, tzinfo=dt.timezone.utc)
 
 
-def check_safe_id(value: str, what: str) -> str:
+def check_safe_id(value: str, label: str) -> str:
     """Return `value` when it can serve as a file name; raise naming the rule otherwise."""
     if not isinstance(value, str) or not SAFE_ID.match(value):
         raise StayError(
-            f"{what} {value!r} cannot name an output file; use letters, digits, '.', '_' or '-' "
+            f"{label} {value!r} cannot name an output file; use letters, digits, '.', '_' or '-' "
             "(at most 128, not starting with '.')"
         )
     return value
@@ -98,9 +98,9 @@ class Note:
 class Medications:
     """Medications compared between admission and discharge, keyed by drug code (or name).
 
-    `at_discharge` items carry `status` "new", "continued" or "changed" ("unknown" when the record
-    gives no admission list); `stopped` were taken on admission and not at discharge;
-    `during_stay_only` were ordered in the stay and not continued after it.
+    `at_discharge` items carry `status` "new", "continued" or "changed", or "unknown" when the record
+    gives no admission list. `stopped` items were taken on admission and not at discharge.
+    `during_stay_only` items were ordered in the stay and not continued after it.
     """
 
     on_admission: list[Fact] = field(default_factory=list)
@@ -183,7 +183,7 @@ class RecordError:
 
 @dataclass
 class ReadResult:
-    """What a reader found: stays ready to draft, failures, and stays that have not ended yet."""
+    """Reader output: stays ready to draft, failures, and stays that have not ended yet."""
 
     stays: list[Stay]
     errors: list[RecordError]
