@@ -121,6 +121,29 @@ def test_pubmedqa_training_files(tmp_path):
     assert detect_task(load_chat_examples(test_path, limit=20)) == "decision"
 
 
+def test_canary_cached_scores_match_full_sequences(base_model):
+    """The prefix-cached secret scorer equals scoring each whole answer after the chat prompt."""
+    from assistant.evaluation.canaries import make_canaries, secret_logprobs
+    from assistant.evaluation.qa import OptionScorer
+
+    model, tokenizer = base_model
+    for canary in make_canaries(seed=3):
+        other = "00000000" if canary.kind == "mrn" else "012-345-6789"
+        secrets = [canary.secret, other]
+        cached = secret_logprobs(model, tokenizer, canary, secrets, batch_size=1)
+        scorer = OptionScorer(model, tokenizer)
+        prompt = scorer.prompt_ids(canary.messages()[:1])
+        full = []
+        for secret in secrets:
+            answer = tokenizer.encode(f"{canary.answer_prefix}{secret}", add_special_tokens=False)
+            prefix = tokenizer.encode(canary.answer_prefix, add_special_tokens=False)
+            assert answer[: len(prefix)] == prefix, "the secret must start on a token boundary"
+            both = scorer.continuation_logprobs([prompt], [answer])[0]
+            only_prefix = scorer.continuation_logprobs([prompt], [prefix])[0]
+            full.append(both - only_prefix)
+        assert cached == pytest.approx(full, abs=2e-3)
+
+
 def test_canary_exposure_rises_with_full_fine_tuning(tmp_path, base_model):
     """Full fine-tuning on a set that repeats one canary many times must expose it beyond the base."""
     from assistant.config import Settings

@@ -159,9 +159,12 @@ def test_synthea_discovers_all_inpatient_stays(synthea, export):
 def test_synthea_facts_match_ndjson(synthea, export):
     from assistant.drafting import DraftOptions, read_stays
 
-    stays = {s.encounter_id: s for s in read_stays(synthea, DraftOptions()).stays}
+    result = read_stays(synthea, DraftOptions(include_emergency=True))
+
+    stays = {s.encounter_id: s for s in result.stays}
+    assert result.discovered == len(stays) == 49 + 23
     for encounter in export["Encounter"]:
-        if encounter["class"]["code"] != "IMP":
+        if encounter["class"]["code"] not in {"IMP", "EMER"}:
             continue
         expected = expected_stay(export, encounter)
         stay = stays[encounter["id"]]

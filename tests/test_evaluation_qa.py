@@ -68,3 +68,24 @@ def test_eval_qa_rejects_missing_dataset(tmp_path):
     result = run_cli("eval", "qa", "--dataset", "pubmedqa", str(tmp_path), "--no-retrieval")
     assert result.returncode == 1
     assert "PubMedQA not found" in result.stderr
+
+
+def test_eval_qa_with_registered_adapter(tmp_path):
+    folder = need_shared("pubmedqa")
+    out = tmp_path / "out"
+    result = run_cli("eval", "qa", str(folder), "--adapter", "cardiology-lora-v1", "--limit", "3",
+                     "--no-retrieval", "--out", str(out), "--dtype", "float32", "--device", "cpu")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "adapter cardiology-lora-v1" in result.stdout
+    report = json.loads((out / "qa.json").read_text())
+    assert report["adapter"] == "cardiology-lora-v1"
+    assert report["adapter_folder"].endswith("cardiology-lora-v1")
+    assert report["results"][0]["questions"] == 3
+
+
+def test_eval_qa_rejects_unknown_adapter(tmp_path):
+    folder = need_shared("pubmedqa")
+    result = run_cli("eval", "qa", str(folder), "--adapter", "no-such-adapter", "--no-retrieval",
+                     "--out", str(tmp_path / "out"))
+    assert result.returncode == 1
+    assert "no-such-adapter" in result.stderr

@@ -190,10 +190,8 @@ def run_eval_retrieval(args: argparse.Namespace) -> int:
 
 # eval qa
 
-def load_adapter_model(model: Any, adapter: str, settings: Any, spec: Any) -> Any:
-    """Wrap `model` with a registered adapter (checked against the base fingerprint) or an adapter folder."""
-    from peft import PeftModel
-
+def resolve_adapter(adapter: str, settings: Any, spec: Any) -> Path:
+    """Find a registered adapter (checked against the base fingerprint) or accept an adapter folder."""
     from assistant import models
     from assistant.tuning.loading import check_adapter_files, check_base_fingerprint
     from assistant.tuning.registry import AdapterRegistry
@@ -205,7 +203,7 @@ def load_adapter_model(model: Any, adapter: str, settings: Any, spec: Any) -> An
         folder = registry.folder(entry)
         check_base_fingerprint(entry, models.model_fingerprint(spec))
     check_adapter_files(folder)
-    return PeftModel.from_pretrained(model, str(folder), adapter_name="evaluated", is_trainable=False).eval()
+    return folder
 
 
 def run_eval_qa(args: argparse.Namespace) -> int:
@@ -225,9 +223,13 @@ def run_eval_qa(args: argparse.Namespace) -> int:
 
     # model (and adapter), then one scorer for every setting
     spec = models.resolve_model(settings.model)
+    adapter_folder = resolve_adapter(args.adapter, settings, spec) if args.adapter else None
     model, tokenizer = models.load_base_model(spec, settings.dtype, settings.device)
-    if args.adapter:
-        model = load_adapter_model(model, args.adapter, settings, spec)
+    if adapter_folder is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_folder), adapter_name="evaluated", is_trainable=False)
+        model.eval()
     scorer = OptionScorer(model, tokenizer)
 
     results = [evaluate_pubmedqa(scorer, data, ids)]
@@ -253,6 +255,7 @@ def run_eval_qa(args: argparse.Namespace) -> int:
     print(table)
     output = {"dataset": "pubmedqa", "source": str(data.folder), "model": spec.display_name,
               "model_fingerprint": models.model_fingerprint(spec), "adapter": args.adapter,
+              "adapter_folder": str(adapter_folder) if adapter_folder else None,
               "selection": "first" if args.first and args.limit else "spread", "ids": ids,
               "index_scope": args.index_scope, "top_k": args.top_k, "results": metrics,
               "predictions": {r.mode: r.predictions for r in results}}

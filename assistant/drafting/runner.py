@@ -309,6 +309,11 @@ def run_drafts(
         )
     started = time.perf_counter()
     out_dir = Path(out_dir)
+    if Path(input_path).resolve() == out_dir.resolve():
+        # drafts are .json files, so a rerun would read them back as FHIR input
+        raise BedsideError(
+            f"--out {str(out_dir)!r} is the input folder; choose another folder for the drafts"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(out_dir / ".bedside-draft.lock"):
         summary = RunSummary(out_dir=str(out_dir))

@@ -118,13 +118,25 @@ def secret_logprobs(model: Any, tokenizer: Any, canary: Canary, secrets: list[st
                 if batch.shape[1] > 1:
                     cache = copy.deepcopy(prefix_cache)
                     cache.batch_repeat_interleave(batch.shape[0])
-                    logits = model(input_ids=batch[:, :-1], past_key_values=cache, use_cache=True).logits
+                    logits = model(input_ids=batch[:, :-1], use_cache=True, **{_cache_argument(model): cache}).logits
                     logprobs = torch.log_softmax(logits.float(), dim=-1)
                     total = total + logprobs.gather(-1, batch[:, 1:, None]).squeeze(-1).sum(-1)
                 scores.extend(float(v) for v in total)
     finally:
         model.train(was_training)
     return scores
+
+
+def _cache_argument(model: Any) -> str:
+    """Return the name of the forward argument that takes a key/value cache.
+
+    transformers 5.25 names it `cache` and deprecates `past_key_values`; releases without `cache`
+    take `past_key_values`.
+    """
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def exposure(model: Any, tokenizer: Any, canary: Canary, candidates: int, seed: int) -> dict[str, Any]:
