@@ -126,11 +126,16 @@ def _terms(text: str) -> frozenset[str]:
 
 
 def header_matches(chunk: Chunk, query_terms: frozenset[str]) -> tuple[bool, bool]:
-    """Whether every content word of the chunk's title, and of its section label, occurs in the query."""
+    """Test whether the query contains every content word of the chunk's title, and then of its section.
+
+    The section counts only together with the title, so a query naming "treatment" lifts the
+    treatment section of the document it names, not every document's treatment section.
+    """
     title_terms = _terms(chunk.title or "")
+    if not title_terms or not title_terms <= query_terms:
+        return False, False
     section_terms = _terms(chunk.section or "")
-    return (bool(title_terms) and title_terms <= query_terms,
-            bool(section_terms) and section_terms <= query_terms)
+    return True, bool(section_terms) and section_terms <= query_terms
 
 
 class Retriever:

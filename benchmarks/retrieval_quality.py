@@ -76,15 +76,16 @@ def medquad_documents(folder: Path = MEDQUAD_DIR) -> list[Document]:
 
 
 def medquad_set(documents: list[Document], sample: int = MEDQUAD_SAMPLE, seed: int = MEDQUAD_SEED,
-                random_distractors: int | None = None) -> RetrievalSet:
+                queries: int | None = None, random_distractors: int | None = None) -> RetrievalSet:
     """Queries from `sample` pairs drawn with `seed`; all documents, or a subset keeping the hard ones.
 
-    With `random_distractors`, the index holds the sampled answers, every answer sharing a focus
-    with a sampled pair (the near-duplicates that make MedQuAD hard), every answer with the same
-    text as a gold answer, and that many other answers drawn with `seed` + 1.
+    `queries` keeps only the first that many of the drawn pairs, so a smaller set asks a subset of
+    the full set's questions. With `random_distractors`, the documents are the drawn answers, every
+    answer sharing a focus with a drawn pair (the near-duplicates that make MedQuAD hard), every
+    answer with the same text as a gold answer, and that many other answers drawn with `seed` + 1.
     """
     ordered = sorted(documents, key=lambda d: d.doc_id)
-    picked = random.Random(seed).sample(ordered, sample)
+    picked = random.Random(seed).sample(ordered, sample)[:queries]
     same_text: dict[str, set[str]] = defaultdict(set)
     for document in ordered:
         same_text[document.text].add(document.doc_id)
@@ -145,6 +146,71 @@ def evaluate(retriever: Any, data: RetrievalSet, modes: Sequence[str] = MODES) -
     return scores
 
 
+# relevance gate
+
+GATE_CANDIDATES = (0.35, 0.40, 0.45, 0.50)
+
+
+def best_cosines(retriever: Any, queries: list[str], top_k: int) -> list[float]:
+    """Best-chunk cosine of each query over its `top_k` hybrid hits, the value the relevance gate tests."""
+    return [max((h.dense_score for h in hits), default=0.0)
+            for hits in retriever.search_many(queries, top_k=top_k)]
+
+
+def demo_gate(cache_dir: Path) -> list[tuple[dict[str, Any], float]]:
+    """Each demo question with the best-chunk cosine it gets from the demo corpus index."""
+    import json
+
+    from assistant import models
+    from assistant.config import Settings
+    from assistant.corpus import load_corpus
+    from assistant.retrieval import Retriever
+
+    questions = [json.loads(line) for line in (REPO / "corpora" / "questions" / "demo_questions.jsonl")
+                 .read_text(encoding="utf-8").splitlines() if line.strip()]
+    index = build_retrieval_index(load_corpus([REPO / "corpora" / "demo"]).documents, cache_dir / "demo")
+    embedder = models.load_embedder(models.resolve_embedder(""), "cpu")
+    scores = best_cosines(Retriever(index, embedder), [q["question"] for q in questions], Settings().top_k)
+    return list(zip(questions, scores, strict=True))
+
+
+# CI cost: what chunk size and batch size do to embedding work
+
+def chunking_cost(documents: list[Document], chunk_sizes: Sequence[int] = (200, 254)) -> dict[int, tuple[int, int]]:
+    """Chunks and embedder tokens (header included) that `documents` make at each chunk size."""
+    from assistant import models
+    from assistant.chunking import Chunker
+
+    embedder = models.load_embedder(models.resolve_embedder(""), "cpu")
+    cost = {}
+    for size in chunk_sizes:
+        chunker = Chunker(embedder.tokenizer, size, 32, embedder.max_seq_length)
+        chunks = [c for d in documents for c in chunker.chunk_document(d)]
+        tokens = sum(len(embedder.tokenizer.tokenize(c.embedding_text)) for c in chunks)
+        cost[size] = (len(chunks), tokens)
+        logger.info("chunk size %d: %d chunks, %d tokens", size, len(chunks), tokens)
+    return cost
+
+
+def embedding_throughput(texts: list[str], batch_sizes: Sequence[int] = (8, 32, 128)) -> dict[int, float]:
+    """Texts embedded per CPU second at each batch size.
+
+    CPU time of this process, not wall time, so other work on a shared machine counts less.
+    """
+    from assistant import models
+    from assistant.indexing.store import embed_texts
+
+    embedder = models.load_embedder(models.resolve_embedder(""), "cpu")
+    embed_texts(embedder, texts[:32])
+    rates = {}
+    for batch_size in batch_sizes:
+        start = time.process_time()
+        embed_texts(embedder, texts, batch_size=batch_size)
+        rates[batch_size] = len(texts) / (time.process_time() - start)
+        logger.info("batch size %d: %.1f texts per CPU second", batch_size, rates[batch_size])
+    return rates
+
+
 # the fusion alternatives measured with --sweep; each row is a set of Retriever keyword arguments
 SWEEP: list[dict[str, Any]] = (
     [{"fusion": "rrf", "rrf_k": k, "title_boost": 0.0, "section_boost": 0.0} for k in (5, 20, 60)]
@@ -157,13 +223,30 @@ SWEEP: list[dict[str, Any]] = (
 )
 
 
+class QueryMemo:
+    """An embedder wrapper that embeds each distinct text once, so sweep variants share query vectors."""
+
+    def __init__(self, embedder: Any) -> None:
+        self.embedder = embedder
+        self.vectors: dict[str, Any] = {}
+
+    def encode(self, texts: list[str], **kwargs: Any) -> Any:
+        import numpy as np
+
+        missing = [t for t in dict.fromkeys(texts) if t not in self.vectors]
+        if missing:
+            self.vectors.update(zip(missing, self.embedder.encode(missing, **kwargs), strict=True))
+        return np.stack([self.vectors[t] for t in texts])
+
+
 def sweep(index: Any, embedder: Any, data: RetrievalSet) -> list[tuple[dict[str, Any], dict[int, float]]]:
     """Hybrid recall for each variant in SWEEP (the other arguments keep their defaults)."""
     from assistant.retrieval import Retriever
 
+    memo = QueryMemo(embedder)
     rows = []
     for variant in SWEEP:
-        results = Retriever(index, embedder, **variant).search_many(data.queries, top_k=max(KS))
+        results = Retriever(index, memo, **variant).search_many(data.queries, top_k=max(KS))
         rows.append((variant, recall_at_k(results, data.gold)))
         logger.info("%s %s: %s", data.name, variant, rows[-1][1])
     return rows
@@ -178,12 +261,32 @@ def recall_table(scores: dict[str, dict[int, float]]) -> str:
     return "\n".join(lines)
 
 
-def sweep_table(rows: list[tuple[dict[str, Any], dict[int, float]]], names: Sequence[str]) -> str:
-    lines = ["| hybrid variant | " + " | ".join(f"{n} R@1 | {n} R@5 | {n} R@10" for n in names) + " |",
-             "|---|" + "---|" * (3 * len(names))]
-    for variant, *per_set in rows:
+def sweep_table(rows: list[tuple[dict[str, Any], dict[int, float], dict[int, float]]]) -> str:
+    lines = ["| hybrid variant | PubMedQA R@1 | R@5 | R@10 | MedQuAD R@1 | R@5 | R@10 |",
+             "|---|---|---|---|---|---|---|"]
+    for variant, pubmedqa, medquad in rows:
         label = ", ".join(f"{k}={v}" for k, v in variant.items())
-        lines.append(f"| {label} | " + " | ".join(f"{r[k]:.3f}" for r in per_set for k in KS) + " |")
+        lines.append(f"| {label} | " + " | ".join(f"{r[k]:.3f}" for r in (pubmedqa, medquad) for k in KS) + " |")
+    return "\n".join(lines)
+
+
+def gate_table(demo: list[tuple[dict[str, Any], float]], real_sets: dict[str, list[float]]) -> str:
+    def share_below(scores: list[float], gate: float) -> str:
+        return f"{sum(s < gate for s in scores) / len(scores):.1%}"
+
+    groups = {
+        "demo, in corpus": [s for q, s in demo if q["in_corpus"]],
+        "demo, out of corpus, medical": [s for q, s in demo if not q["in_corpus"] and q["question"] in MEDICAL_OUT],
+        "demo, out of corpus, not medical": [s for q, s in demo
+                                             if not q["in_corpus"] and q["question"] not in MEDICAL_OUT],
+        **real_sets,
+    }
+    lines = ["| questions | n | min | median | max | " + " | ".join(f"< {g:.2f}" for g in GATE_CANDIDATES) + " |",
+             "|---|---|---|---|---|" + "---|" * len(GATE_CANDIDATES)]
+    for name, scores in groups.items():
+        ordered = sorted(scores)
+        lines.append(f"| {name} | {len(scores)} | {ordered[0]:.3f} | {ordered[len(ordered) // 2]:.3f} | "
+                     f"{ordered[-1]:.3f} | " + " | ".join(share_below(scores, g) for g in GATE_CANDIDATES) + " |")
     return "\n".join(lines)
 
 
@@ -191,36 +294,54 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.retrieval_quality", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", action="store_true", help="also measure the fusion alternatives")
+    parser.add_argument("--ci-cost", action="store_true",
+                        help="also measure chunk counts, tokens and embedding rate by batch size on MedQuAD")
     parser.add_argument("--no-write", action="store_true", help="print the section instead of writing it")
-    parser.add_argument("--cache-dir", type=Path, default=CACHE_DIR, help="where the indexes are kept")
+    parser.add_argument("--cache-dir", type=Path, default=CACHE_DIR, help="folder for the benchmark indexes")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from assistant import models
+    from assistant.config import Settings
     from assistant.retrieval import Retriever
 
+    # indexes, built once and then reused from the cache folder
     embedder = models.load_embedder(models.resolve_embedder(""), "cpu")
     start = time.perf_counter()
     pubmedqa = pubmedqa_set()
     pubmedqa_index = build_retrieval_index(pubmedqa.documents, args.cache_dir / "pubmedqa", progress=True)
     medquad = medquad_set(medquad_documents())
     medquad_index = build_retrieval_index(medquad.documents, args.cache_dir / "medquad", progress=True)
-    build_seconds = time.perf_counter() - start
+    build_minutes = (time.perf_counter() - start) / 60
 
+    # recall of the default retriever
+    pubmedqa_retriever = Retriever(pubmedqa_index, embedder)
+    medquad_retriever = Retriever(medquad_index, embedder)
     results = {
-        "PubMedQA, all 1,000 questions": evaluate(Retriever(pubmedqa_index, embedder), pubmedqa),
-        "PubMedQA, first 200 questions (the test's set)": evaluate(Retriever(pubmedqa_index, embedder),
-                                                                   pubmedqa.head(200)),
-        "MedQuAD, 500 sampled questions": evaluate(Retriever(medquad_index, embedder), medquad),
+        "PubMedQA, all 1,000 questions": evaluate(pubmedqa_retriever, pubmedqa),
+        "PubMedQA, first 200 questions (the CI test's questions)": evaluate(pubmedqa_retriever, pubmedqa.head(200)),
+        f"MedQuAD, {MEDQUAD_SAMPLE} sampled questions": evaluate(medquad_retriever, medquad),
     }
-    sizes = {"PubMedQA": (len(pubmedqa.documents), pubmedqa_index.size),
-             "MedQuAD": (len(medquad.documents), medquad_index.size)}
+
+    # relevance gate
+    top_k = Settings().top_k
+    demo = demo_gate(args.cache_dir)
+    real_sets = {"PubMedQA, all (in corpus)": best_cosines(pubmedqa_retriever, pubmedqa.queries, top_k),
+                 "MedQuAD, sampled (in corpus)": best_cosines(medquad_retriever, medquad.queries, top_k)}
+
     sweep_rows = []
     if args.sweep:
         pubmedqa_rows = sweep(pubmedqa_index, embedder, pubmedqa)
         medquad_rows = sweep(medquad_index, embedder, medquad)
         sweep_rows = [(v, p, m) for (v, p), (_, m) in zip(pubmedqa_rows, medquad_rows, strict=True)]
+    ci_cost = None
+    if args.ci_cost:
+        sample = [c.embedding_text for c in medquad_index.chunks_by_int_id(medquad_index.bm25_ids[::30].tolist())
+                  .values()]
+        ci_cost = (chunking_cost(medquad.documents), embedding_throughput(sample), len(sample))
 
-    markdown = report(results, sizes, sweep_rows, build_seconds)
+    sizes = {"PubMedQA": (len(pubmedqa.documents), pubmedqa_index.size),
+             "MedQuAD": (len(medquad.documents), medquad_index.size)}
+    markdown = report(results, sizes, demo, real_sets, sweep_rows, ci_cost, build_minutes, argv)
     if args.no_write:
         print(markdown)
     else:
@@ -229,27 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def report(results: dict[str, dict[str, dict[int, float]]], sizes: dict[str, tuple[int, int]],
-           sweep_rows: list, build_seconds: float) -> str:
-    parts = [
-        "## Retrieval quality",
-        "",
-        f"`{command_line()} --sweep`, {today()}, on {machine()} (load average {load_average()} at the end; "
-        f"building both indexes took {build_seconds / 60:.1f} min, most of it embedding).",
-        "",
-        f"Indexes: PubMedQA {sizes['PubMedQA'][0]:,} abstracts in {sizes['PubMedQA'][1]:,} chunks; MedQuAD "
-        f"{sizes['MedQuAD'][0]:,} answers in {sizes['MedQuAD'][1]:,} chunks (default chunking, 200 tokens). "
-        f"MedQuAD queries: {MEDQUAD_SAMPLE} pairs drawn with `random.Random({MEDQUAD_SEED}).sample` from the "
-        "answers sorted by document id. A query counts as found at k when a gold document owns one of the "
-        "first k chunks.",
-    ]
-    for name, scores in results.items():
-        parts += ["", f"### {name}", "", recall_table(scores)]
-    if sweep_rows:
-        parts += ["", "### Hybrid variants (unlisted arguments keep the defaults)", "",
-                  sweep_table(sweep_rows, ["PubMedQA", "MedQuAD"])]
-    return "\n".join(parts)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+MEDICAL_OUT = {
+    "What topical treatment is first line for mild acne vulgaris?",
+    "Which eye drops are first line for primary open-angle glaucoma?",
+}

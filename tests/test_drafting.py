@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sqlite3
@@ -250,8 +251,10 @@ def test_notes_example_drafts_and_batched_equals_solo(cli_env, capsys):
     assert rows == [("draft",)] * 6
 
 
-def test_long_and_short_notes_same_batch(cli_env, capsys, base_model):
+def test_long_and_short_notes_same_batch(cli_env, capsys, caplog, base_model):
     from assistant.drafting.narrative import count_tokens
+
+    caplog.set_level(logging.INFO)
 
     _, tokenizer = base_model
     long_text = long_note(2200)
@@ -314,8 +317,13 @@ def test_long_and_short_notes_same_batch(cli_env, capsys, base_model):
     assert not [f for f in short_draft["flags"] if f["type"] == "note_truncated"]
     assert short_draft["sections"]["hospital_course"]["notes"][0]["truncated"] is False
 
+    # without --log-phi the log names no patient, encounter or note text
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    for private in ("L-long", "L-short", "P-900", "P-901", "scalp laceration", "Day 1 02:00"):
+        assert private not in logged
 
-def test_killed_batch_resumes(cli_env, demo_index_dir, capsys):
+
+def test_killed_batch_resumes(cli_env, demo_index_dir, capsys, caplog):
     out = cli_env / "drafts"
     command = [
         sys.executable,
@@ -354,11 +362,23 @@ def test_killed_batch_resumes(cli_env, demo_index_dir, capsys):
         }
     )
 
+    caplog.set_level(logging.INFO)
     status = run_bedside(
-        "draft-discharge", str(NOTES_EXAMPLE), "--out", str(out), "--batch-size", "1", *CLI_MODEL_FLAGS
+        "draft-discharge",
+        str(NOTES_EXAMPLE),
+        "--out",
+        str(out),
+        "--batch-size",
+        "1",
+        "--log-phi",
+        *CLI_MODEL_FLAGS,
     )
 
     assert status == 0
+    # --log-phi names the redrafted encounters in the log, and only those
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    for encounter_id in ("N-1001", "N-1002", "N-1003"):
+        assert (f"drafted encounter {encounter_id}" in logged) == (f"{encounter_id}.json" not in before)
     assert f"{len(finished)} unchanged and skipped" in capsys.readouterr().out
     for name, (stamp, content) in before.items():
         assert (out / name).stat().st_mtime_ns == stamp, name

@@ -70,3 +70,22 @@ def test_questions_file_rejects_missing_flag(tmp_path):
     path.write_text(json.dumps({"question": "What is CURB-65?"}) + "\n")
     with pytest.raises(BedsideError, match="in_corpus"):
         load_answer_questions(path)
+
+
+def test_eval_answers_cli_writes_report(demo_index_dir, tmp_path):
+    from conftest import run_cli
+
+    questions = [json.loads(line) for line in DEMO_QUESTIONS.read_text().splitlines()]
+    chosen = tmp_path / "questions.jsonl"
+    chosen.write_text("\n".join(json.dumps(q) for q in [questions[0], questions[-3]]) + "\n")
+    out = tmp_path / "out"
+    result = run_cli("eval", "answers", "--questions", str(chosen), "--index", str(demo_index_dir),
+                     "--max-new-tokens", "24", "--out", str(out), "--dtype", "float32", "--device", "cpu",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "citation_validity" in result.stdout
+    report = json.loads((out / "answers.json").read_text())
+    assert report["summary"]["questions"] == 2
+    assert report["summary"]["abstention_rate_out_of_corpus"] == 1.0
+    assert report["max_new_tokens"] == 24
+    assert (out / "answers.md").read_text().startswith("| measure | value |")

@@ -7,7 +7,6 @@ does not pass the relevance gate yields nothing; a stay with no relevant hit get
 
 from __future__ import annotations
 
-import re
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,14 +14,12 @@ from typing import Any
 import numpy as np
 
 from assistant.answer.citations import split_sentences
-from assistant.drafting.stay import Fact, Stay
+from assistant.drafting.stay import Fact, Stay, strip_semantic_tag
 from assistant.retrieval import Hit, Retriever, passes_relevance_gate
 
 MAX_QUERIES = 8
 MAX_RECOMMENDATIONS = 5
 HITS_PER_QUERY = 3
-# SNOMED CT display names end in a semantic tag such as "(disorder)"; it only adds noise to a query
-SEMANTIC_TAG = re.compile(r"\s*\((disorder|finding|situation|procedure|morphologic abnormality)\)\s*$", re.I)
 
 
 @dataclass
@@ -41,7 +38,7 @@ def diagnosis_queries(stay: Stay) -> list[tuple[str, Fact]]:
     ordered = [*stay.reasons, *recorded, *[f for f in stay.diagnoses if f not in recorded]]
     queries: dict[str, Fact] = {}
     for fact in ordered:
-        text = "".join(ch for ch in SEMANTIC_TAG.sub("", fact.text) if unicodedata.category(ch) != "Cc")[
+        text = "".join(ch for ch in strip_semantic_tag(fact.text) if unicodedata.category(ch) != "Cc")[
             :300
         ].strip()
         if text and text.casefold() not in {q.casefold() for q in queries}:

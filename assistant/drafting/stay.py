@@ -19,6 +19,8 @@ FHIR_DATETIME = re.compile(
     r"^(?P<year>\d{4})(?:-(?P<month>\d{2})(?:-(?P<day>\d{2})"
     r"(?:T(?P<time>\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?)(?P<zone>Z|[+-]\d{2}:\d{2}))?)?)?$"
 )
+# SNOMED CT display names end in a semantic tag such as "(disorder)", noise in prompts and queries
+SEMANTIC_TAG = re.compile(r"\s*\((disorder|finding|situation|procedure|morphologic abnormality)\)\s*$", re.I)
 # Encounter ids become file names, so they must not carry path separators or start with a dot.
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -56,6 +58,10 @@ def parse_time(value: str, *, end: bool = False, label: str = "date") -> dt.date
         raise StayError(f"{label} {value!r} is not a valid date ({err})") from err
     clock = dt.time.max if end else dt.time.min
     return dt.datetime.combine(day, clock, tzinfo=dt.timezone.utc)
+
+
+def strip_semantic_tag(text: str) -> str:
+    return SEMANTIC_TAG.sub("", text)
 
 
 def check_safe_id(value: str, label: str) -> str:

@@ -168,11 +168,18 @@ def decision_lines(report: dict[str, Any]) -> list[str]:
 
     best_task = _winner(methods, lambda m: results[m]["task"]["value"], lowest=False)
     best_loss = _winner(methods, lambda m: results[m]["heldout"]["loss"])
-    quality = ", ".join(f"{m} {results[m]['task']['value']:.3f} (loss {results[m]['heldout']['loss']:.4f})"
-                        for m in methods)
-    lines.append(f"**Quality.** {metric} on {base['task']['examples']} held-out examples: base "
-                 f"{base['task']['value']:.3f} (loss {base['heldout']['loss']:.4f}), {quality}. Best task score: "
-                 f"{best_task}; lowest held-out loss: {best_loss}.")
+
+    def quality_of(name: str) -> str:
+        task = results[name]["task"]
+        extra = f", macro-F1 {task['macro_f1']:.3f}" if "macro_f1" in task else ""
+        return f"{name} {task['value']:.3f} (loss {results[name]['heldout']['loss']:.4f}{extra})"
+
+    examples = base["task"]["examples"]
+    resolution = (f" One example moves {metric} by {100 / examples:.1f} points, so smaller differences are noise."
+                  if base["task"]["metric"] == "accuracy" else "")
+    lines.append(f"**Quality.** {metric} on {examples} held-out examples: "
+                 f"{', '.join(quality_of(n) for n in ['base', *methods])}. Best task score: {best_task}; "
+                 f"lowest held-out loss: {best_loss}.{resolution}")
 
     forgetting = ", ".join(
         f"{m} {results[m]['general_text']['perplexity'] - base['general_text']['perplexity']:+.2f}" for m in methods)
