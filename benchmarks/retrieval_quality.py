@@ -354,3 +354,75 @@ MEDICAL_OUT = {
     "What topical treatment is first line for mild acne vulgaris?",
     "Which eye drops are first line for primary open-angle glaucoma?",
 }
+
+
+def report(results: dict[str, dict[str, dict[int, float]]], sizes: dict[str, tuple[int, int]],
+           demo: list[tuple[dict[str, Any], float]], real_sets: dict[str, list[float]], sweep_rows: list,
+           ci_cost: tuple | None, build_minutes: float, argv: Sequence[str] | None) -> str:
+    """The "Retrieval quality" section of docs/benchmarks.md, tables and the reading of them."""
+    from assistant.config import Settings
+    from assistant.retrieval import Retriever
+
+    defaults = Retriever.__init__.__defaults__
+    flags = " ".join(argv) if argv else ""
+    parts = [
+        "## Retrieval quality",
+        "",
+        f"`python -m benchmarks.retrieval_quality {flags}`".replace(" `", "`"),
+        f"on {today()}: {machine()}; load average {load_average()} at the end, because the machine was shared. "
+        f"Building the indexes took {build_minutes:.0f} min, nearly all of it embedding.",
+        "",
+        "Data: PubMedQA (Jin et al., 2019, MIT licence) and MedQuAD (Ben Abacha and Demner-Fushman, 2019, "
+        "CC BY 4.0). "
+        f"PubMedQA: {sizes['PubMedQA'][0]:,} abstracts, every context paragraph indexed, {sizes['PubMedQA'][1]:,} "
+        f"chunks. MedQuAD: {sizes['MedQuAD'][0]:,} answers, each its own document titled by its focus and "
+        f"sectioned by its question type, {sizes['MedQuAD'][1]:,} chunks. Default chunking (200 tokens, 32 "
+        f"overlap). MedQuAD questions: {MEDQUAD_SAMPLE} pairs drawn by `random.Random({MEDQUAD_SEED}).sample` "
+        "from the answers sorted by document id; gold is the pair's own answer or any answer with the same "
+        "text. A question counts as found at k when a gold document owns one of the first k chunks returned "
+        "(chunks, not documents, so several chunks of one long answer can fill the list).",
+        "",
+        f"Default hybrid search (`Retriever` defaults: {retriever_defaults(defaults)}):",
+    ]
+    for name, scores in results.items():
+        parts += ["", f"**{name}**", "", recall_table(scores)]
+    parts += ["", HYBRID_NOTES]
+    if sweep_rows:
+        parts += ["", "**Hybrid variants** (arguments not listed keep the defaults above)", "",
+                  sweep_table(sweep_rows)]
+
+    gate = Settings().min_relevance
+    parts += ["", "### Relevance gate", "",
+              f"Best-chunk cosine similarity over the top {Settings().top_k} hybrid hits (what `bedside ask` "
+              f"compares with `min_relevance`, default {gate:.2f}), and the share of questions below each "
+              "candidate gate:", "",
+              gate_table(demo, real_sets), "", GATE_NOTES]
+
+    if ci_cost:
+        chunking, rates, sample_size = ci_cost
+        parts += ["", "### Embedding cost and the CI subset", "",
+                  "| MedQuAD chunk size | chunks | embedder tokens |", "|---|---|---|"]
+        parts += [f"| {size} | {chunks:,} | {tokens:,} |" for size, (chunks, tokens) in chunking.items()]
+        parts += ["", f"| batch size | chunks embedded per CPU second ({sample_size} MedQuAD chunks) |",
+                  "|---|---|"]
+        parts += [f"| {batch} | {rate:.1f} |" for batch, rate in rates.items()]
+        parts += ["", CI_NOTES]
+    return "\n".join(parts)
+
+
+def retriever_defaults(defaults: tuple) -> str:
+    import inspect
+
+    from assistant.retrieval import Retriever
+
+    names = [p for p in inspect.signature(Retriever.__init__).parameters if p not in {"self", "index", "embedder"}]
+    return ", ".join(f"`{n}={v}`" for n, v in zip(names, defaults, strict=True))
+
+
+HYBRID_NOTES = "TODO"
+GATE_NOTES = "TODO"
+CI_NOTES = "TODO"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
