@@ -501,7 +501,7 @@ def _finish(
         "model": generator.model_name,
         "model_fingerprint": generator.model_fingerprint,
         "adapter": job.adapter,
-        "index_version": config["index_version"],
+        "index_version": resources.retriever.index.version if resources.retriever else None,
         "embedder": resources.embedder_name,
         "embedder_fingerprint": config["embedder_fingerprint"],
         "dtype": generator.dtype,
@@ -541,7 +541,7 @@ def _finish(
                 {k: c[k] for k in ("chunk_id", "doc_id", "version", "date", "score")}
                 for c in draft["citations"]
             ],
-            index_version=config["index_version"],
+            index_version=provenance["index_version"],
             model=generator.model_name,
             model_fingerprint=generator.model_fingerprint,
             adapter=job.adapter,
