@@ -96,7 +96,8 @@ def _ranked(scores: dict[int, float]) -> list[int]:
     return sorted(scores, key=lambda i: (-scores[i], i))
 
 
-def weighted_fusion(dense: dict[int, float], lexical: dict[int, float], retriever: Retriever) -> dict[int, float]:
+def weighted_fusion(dense: dict[int, float], lexical: dict[int, float],
+                    retriever: Retriever) -> dict[int, float]:
     """Convex combination of min-max normalised scores; a chunk missing from one list scores 0 there."""
     dense_norm, lexical_norm = _min_max(dense), _min_max(lexical)
     weight = retriever.dense_weight
@@ -141,28 +142,35 @@ def header_matches(chunk: Chunk, query_terms: frozenset[str]) -> tuple[bool, boo
 class Retriever:
     """Dense + BM25 retrieval over one loaded index.
 
-    Hybrid search takes the `candidates` best chunks of each method, fuses their scores (`fusion`:
-    "weighted" min-max fusion with `dense_weight`, or "rrf" with `rrf_k`), then adds `title_boost`
-    when every content word of a chunk's document title occurs in the query and `section_boost`
-    when every word of its section label does. Questions that name their subject ("What are the
-    symptoms of X?") thereby prefer chunks about X, and about symptoms, over near-duplicates about
-    a neighbouring disease or another aspect of X.
+    Hybrid search takes the `candidates` best chunks of each method and fuses their scores:
+    "weighted" (the default) mixes min-max normalised scores with `dense_weight`, and "rrf" sums
+    reciprocal ranks with `rrf_k`. It then adds `title_boost` to chunks whose document title has
+    every content word in the query, and `section_boost` when their section label does too. A
+    question that names its subject and aspect ("What are the treatments for gout?") thereby
+    prefers the treatment section of the gout document over near-duplicates about a neighbouring
+    disease or another aspect of gout. The boosts are sized for weighted fusion, whose scores lie
+    in [0, 1]. With "rrf" they outweigh the fused score, so pass 0 unless that is intended.
+    docs/benchmarks.md has the measurements behind the defaults.
 
-    When the index holds several versions of one guideline (same title and issuer, different date
+    When the index contains several versions of one guideline (same title and issuer, another date
     or version), only the newest version's chunks are searched (`prefer_newest`).
     """
 
     def __init__(self, index: LoadedIndex, embedder: Any, fusion: str = "weighted", dense_weight: float = 0.7,
-                 candidates: int = 50, rrf_k: int = 60, title_boost: float = 0.0, section_boost: float = 0.0,
+                 candidates: int = 100, rrf_k: int = 60, title_boost: float = 0.3, section_boost: float = 0.3,
                  prefer_newest: bool = True) -> None:
         if fusion not in FUSIONS:
             raise BedsideError(f"fusion {fusion!r} is invalid; use one of {', '.join(FUSIONS)}")
         if not 0.0 <= dense_weight <= 1.0:
             raise BedsideError(f"dense_weight {dense_weight} is invalid; use a number from 0 to 1")
         if candidates < 1 or rrf_k < 1:
-            raise BedsideError(f"candidates ({candidates}) and rrf_k ({rrf_k}) must be whole numbers of at least 1")
+            raise BedsideError(
+                f"candidates ({candidates}) and rrf_k ({rrf_k}) are invalid; use whole numbers of at least 1"
+            )
         if title_boost < 0 or section_boost < 0:
-            raise BedsideError(f"title_boost ({title_boost}) and section_boost ({section_boost}) must not be negative")
+            raise BedsideError(
+                f"title_boost ({title_boost}) and section_boost ({section_boost}) are invalid; use 0 or more"
+            )
         self.index = index
         self.embedder = embedder
         self.fusion = fusion
@@ -252,7 +260,8 @@ class Retriever:
         rows, scores = bm25_search(self.index.bm25, query, k, mask)
         return {int(self.index.bm25_ids[r]): float(s) for r, s in zip(rows, scores, strict=True)}
 
-    def _boost_headers(self, query: str, scores: dict[int, float], chunks: dict[int, Chunk]) -> dict[int, float]:
+    def _boost_headers(self, query: str, scores: dict[int, float],
+                       chunks: dict[int, Chunk]) -> dict[int, float]:
         query_terms = _terms(query)
         boosted = {}
         for int_id, score in scores.items():
@@ -268,10 +277,11 @@ class Retriever:
         for row, int_id in enumerate(ranked):
             chunk = chunks[int_id]
             hits.append(Hit(
-                chunk_id=chunk.chunk_id, doc_id=chunk.doc_id, score=round(scores[int_id], 6), title=chunk.title,
-                source=chunk.source, text=chunk.text, section=chunk.section, page=chunk.page, date=chunk.date,
-                specialty=chunk.specialty, issuer=chunk.issuer, version=chunk.version,
-                dense_score=round(float(exact[row]), 6), bm25_score=round(lexical.get(int_id, 0.0), 6),
+                chunk_id=chunk.chunk_id, doc_id=chunk.doc_id, score=round(scores[int_id], 6),
+                title=chunk.title, source=chunk.source, text=chunk.text, section=chunk.section,
+                page=chunk.page, date=chunk.date, specialty=chunk.specialty, issuer=chunk.issuer,
+                version=chunk.version, dense_score=round(float(exact[row]), 6),
+                bm25_score=round(lexical.get(int_id, 0.0), 6),
             ))
         return hits
 

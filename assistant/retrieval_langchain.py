@@ -43,7 +43,9 @@ class BedsideRetriever(BaseRetriever):
                                 **kwargs: Any) -> list[Document]:
         unknown = set(kwargs) - {"k", "since", "specialty", "mode"}
         if unknown:
-            raise TypeError(f"unexpected search argument(s) {sorted(unknown)}; use k, since, specialty or mode")
+            raise TypeError(
+                f"unexpected search argument(s) {sorted(unknown)}; use k, since, specialty or mode"
+            )
         hits = self.retriever.search(
             query,
             top_k=kwargs.get("k", self.k),

@@ -18,8 +18,10 @@ of docs/benchmarks.md unless `--no-write` is given.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import random
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -28,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from assistant.corpus.document import Document
-from benchmarks.common import REPO, SHARED_DATA, command_line, load_average, machine, today, write_section
+from assistant.fileio import atomic_write_json
+from benchmarks.common import REPO, SHARED_DATA, load_average, machine, today, write_section
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +41,12 @@ CACHE_DIR = REPO / ".cache" / "benchmarks" / "retrieval"
 MEDQUAD_SAMPLE = 500
 MEDQUAD_SEED = 20240517
 KS = (1, 5, 10)
+# chunks read to find the first 10 distinct documents; a MedQuAD answer has at most a dozen chunks
+DOCUMENT_DEPTH = 50
 MODES = ("dense", "bm25", "hybrid")
+# the CI tests' share of the sets: questions asked, and MedQuAD answers drawn beyond the hard ones
+CI_QUESTIONS = 200
+CI_RANDOM_DISTRACTORS = 300
 
 
 @dataclass
@@ -120,30 +128,61 @@ def build_retrieval_index(documents: list[Document], root: Path, chunk_tokens: i
     embedder = models.load_embedder(path, "cpu")
     info = embedder_info(settings.embedder, path, embedder)
     chunker = Chunker(embedder.tokenizer, settings.chunk_tokens, settings.chunk_overlap, embedder.max_seq_length)
-    summary = IndexStore(root).rebuild(documents, chunker, embedder, info, settings.to_dict(), progress=progress)
-    logger.info("%s", summary.line())
+    IndexStore(root).rebuild(documents, chunker, embedder, info, settings.to_dict(), progress=progress)
     return IndexStore(root).open(info)
 
 
-def recall_at_k(results: Sequence[Sequence[Any]], gold: Sequence[set[str]], ks: Sequence[int] = KS) -> dict[int, float]:
-    """Share of queries with a gold document among the first k hits (chunks), for each k."""
+def recall_at_k(results: Sequence[Sequence[Any]], gold: Sequence[set[str]],
+                ks: Sequence[int] = KS) -> dict[int, float]:
+    """Share of queries with a gold document among the first k hits, for each k."""
     found = {k: 0 for k in ks}
-    for hits, wanted in zip(results, gold, strict=True):
+    for hits, expected in zip(results, gold, strict=True):
         doc_ids = [h.doc_id for h in hits]
         for k in ks:
-            found[k] += bool(wanted.intersection(doc_ids[:k]))
+            found[k] += bool(expected.intersection(doc_ids[:k]))
     return {k: found[k] / len(gold) for k in ks}
 
 
-def evaluate(retriever: Any, data: RetrievalSet, modes: Sequence[str] = MODES) -> dict[str, dict[int, float]]:
-    """recall@1/5/10 of each search mode on `data`."""
+def first_chunk_per_document(hits: Sequence[Any]) -> list[Any]:
+    """The hits with every later chunk of an already listed document removed."""
+    seen: set[str] = set()
+    kept = []
+    for hit in hits:
+        if hit.doc_id not in seen:
+            seen.add(hit.doc_id)
+            kept.append(hit)
+    return kept
+
+
+def evaluate(retriever: Any, data: RetrievalSet, modes: Sequence[str] = MODES) -> dict[str, dict[str, float]]:
+    """Recall of each search mode on `data`, counted over chunks and over distinct documents.
+
+    `R@k` counts the first k chunks as returned; `doc R@k` counts the first k distinct documents
+    of the same ranking, read from its first DOCUMENT_DEPTH chunks.
+    """
     scores = {}
     for mode in modes:
         start = time.perf_counter()
-        results = retriever.search_many(data.queries, top_k=max(KS), mode=mode)
-        scores[mode] = recall_at_k(results, data.gold)
+        results = retriever.search_many(data.queries, top_k=DOCUMENT_DEPTH, mode=mode)
+        by_chunk = recall_at_k(results, data.gold)
+        by_document = recall_at_k([first_chunk_per_document(hits) for hits in results], data.gold, (5, 10))
+        scores[mode] = {**{f"R@{k}": v for k, v in by_chunk.items()},
+                        **{f"doc R@{k}": v for k, v in by_document.items()}}
         logger.info("%s %s: %s (%.1f s)", data.name, mode, scores[mode], time.perf_counter() - start)
     return scores
+
+
+def subset_of_index(full: Path, root: Path, documents: list[Document]) -> Any:
+    """Index `documents` in `root`, starting from a copy of the index in `full` so nothing is re-embedded.
+
+    The incremental rebuild drops the documents missing from `documents` and rebuilds BM25 over
+    the rest, so chunks, vectors and BM25 statistics are those of an index of `documents` alone.
+    """
+    import shutil
+
+    if not root.exists():
+        shutil.copytree(full, root)
+    return build_retrieval_index(documents, root)
 
 
 # relevance gate
@@ -214,12 +253,11 @@ def embedding_throughput(texts: list[str], batch_sizes: Sequence[int] = (8, 32, 
 # the fusion alternatives measured with --sweep; each row is a set of Retriever keyword arguments
 SWEEP: list[dict[str, Any]] = (
     [{"fusion": "rrf", "rrf_k": k, "title_boost": 0.0, "section_boost": 0.0} for k in (5, 20, 60)]
-    + [{"fusion": "weighted", "dense_weight": w, "title_boost": 0.0, "section_boost": 0.0}
-       for w in (0.5, 0.6, 0.7, 0.8, 0.9)]
-    + [{"title_boost": t, "section_boost": 0.0} for t in (0.1, 0.2, 0.3)]
-    + [{"title_boost": 0.0, "section_boost": s} for s in (0.05, 0.1, 0.2)]
-    + [{"title_boost": t, "section_boost": s} for t in (0.1, 0.2) for s in (0.05, 0.1)]
-    + [{"candidates": c} for c in (20, 100, 200)]
+    + [{"dense_weight": w, "title_boost": 0.0, "section_boost": 0.0} for w in (0.5, 0.6, 0.7, 0.8, 0.9)]
+    + [{"title_boost": t, "section_boost": s} for t, s in ((0.3, 0.0), (0.0, 0.3), (0.1, 0.1), (0.2, 0.2),
+                                                            (0.3, 0.4), (0.3, 0.6))]
+    + [{"dense_weight": w} for w in (0.6, 0.8)]
+    + [{"candidates": c} for c in (20, 50, 200)]
 )
 
 
@@ -239,7 +277,7 @@ class QueryMemo:
         return np.stack([self.vectors[t] for t in texts])
 
 
-def sweep(index: Any, embedder: Any, data: RetrievalSet) -> list[tuple[dict[str, Any], dict[int, float]]]:
+def sweep(index: Any, embedder: Any, data: RetrievalSet) -> list[tuple[dict[str, Any], dict[str, float]]]:
     """Hybrid recall for each variant in SWEEP (the other arguments keep their defaults)."""
     from assistant.retrieval import Retriever
 
@@ -247,26 +285,28 @@ def sweep(index: Any, embedder: Any, data: RetrievalSet) -> list[tuple[dict[str,
     rows = []
     for variant in SWEEP:
         results = Retriever(index, memo, **variant).search_many(data.queries, top_k=max(KS))
-        rows.append((variant, recall_at_k(results, data.gold)))
+        recall = recall_at_k(results, data.gold)
+        rows.append((variant, {f"R@{k}": v for k, v in recall.items()}))
         logger.info("%s %s: %s", data.name, variant, rows[-1][1])
     return rows
 
 
 # report
 
-def recall_table(scores: dict[str, dict[int, float]]) -> str:
-    lines = ["| method | recall@1 | recall@5 | recall@10 |", "|---|---|---|---|"]
-    for mode, by_k in scores.items():
-        lines.append(f"| {mode} | " + " | ".join(f"{by_k[k]:.3f}" for k in KS) + " |")
+def recall_table(scores: dict[str, dict[str, float]]) -> str:
+    columns = list(next(iter(scores.values())))
+    lines = ["| method | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for mode, values in scores.items():
+        lines.append(f"| {mode} | " + " | ".join(f"{values[c]:.3f}" for c in columns) + " |")
     return "\n".join(lines)
 
 
-def sweep_table(rows: list[tuple[dict[str, Any], dict[int, float], dict[int, float]]]) -> str:
+def sweep_table(rows: list[tuple[dict[str, Any], dict[str, float], dict[str, float]]]) -> str:
     lines = ["| hybrid variant | PubMedQA R@1 | R@5 | R@10 | MedQuAD R@1 | R@5 | R@10 |",
              "|---|---|---|---|---|---|---|"]
     for variant, pubmedqa, medquad in rows:
         label = ", ".join(f"{k}={v}" for k, v in variant.items())
-        lines.append(f"| {label} | " + " | ".join(f"{r[k]:.3f}" for r in (pubmedqa, medquad) for k in KS) + " |")
+        lines.append(f"| {label} | " + " | ".join(f"{r[f'R@{k}']:.3f}" for r in (pubmedqa, medquad) for k in KS) + " |")
     return "\n".join(lines)
 
 
@@ -296,52 +336,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sweep", action="store_true", help="also measure the fusion alternatives")
     parser.add_argument("--ci-cost", action="store_true",
                         help="also measure chunk counts, tokens and embedding rate by batch size on MedQuAD")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite the section from the figures the last run saved, measuring nothing")
     parser.add_argument("--no-write", action="store_true", help="print the section instead of writing it")
     parser.add_argument("--cache-dir", type=Path, default=CACHE_DIR, help="folder for the benchmark indexes")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    from assistant import models
-    from assistant.config import Settings
-    from assistant.retrieval import Retriever
 
-    # indexes, built once and then reused from the cache folder
-    embedder = models.load_embedder(models.resolve_embedder(""), "cpu")
-    start = time.perf_counter()
-    pubmedqa = pubmedqa_set()
-    pubmedqa_index = build_retrieval_index(pubmedqa.documents, args.cache_dir / "pubmedqa", progress=True)
-    medquad = medquad_set(medquad_documents())
-    medquad_index = build_retrieval_index(medquad.documents, args.cache_dir / "medquad", progress=True)
-    build_minutes = (time.perf_counter() - start) / 60
+    saved = args.cache_dir / "results.json"
+    if args.report_only:
+        figures = json.loads(saved.read_text(encoding="utf-8"))
+    else:
+        figures = measure(args.cache_dir, args.sweep, args.ci_cost)
+        figures["command"] = " ".join(["python -m benchmarks.retrieval_quality", *(argv or sys.argv[1:])])
+        figures["date"], figures["machine"], figures["load_average"] = today(), machine(), load_average()
+        atomic_write_json(saved, figures)
 
-    # recall of the default retriever
-    pubmedqa_retriever = Retriever(pubmedqa_index, embedder)
-    medquad_retriever = Retriever(medquad_index, embedder)
-    results = {
-        "PubMedQA, all 1,000 questions": evaluate(pubmedqa_retriever, pubmedqa),
-        "PubMedQA, first 200 questions (the CI test's questions)": evaluate(pubmedqa_retriever, pubmedqa.head(200)),
-        f"MedQuAD, {MEDQUAD_SAMPLE} sampled questions": evaluate(medquad_retriever, medquad),
-    }
-
-    # relevance gate
-    top_k = Settings().top_k
-    demo = demo_gate(args.cache_dir)
-    real_sets = {"PubMedQA, all (in corpus)": best_cosines(pubmedqa_retriever, pubmedqa.queries, top_k),
-                 "MedQuAD, sampled (in corpus)": best_cosines(medquad_retriever, medquad.queries, top_k)}
-
-    sweep_rows = []
-    if args.sweep:
-        pubmedqa_rows = sweep(pubmedqa_index, embedder, pubmedqa)
-        medquad_rows = sweep(medquad_index, embedder, medquad)
-        sweep_rows = [(v, p, m) for (v, p), (_, m) in zip(pubmedqa_rows, medquad_rows, strict=True)]
-    ci_cost = None
-    if args.ci_cost:
-        sample = [c.embedding_text for c in medquad_index.chunks_by_int_id(medquad_index.bm25_ids[::30].tolist())
-                  .values()]
-        ci_cost = (chunking_cost(medquad.documents), embedding_throughput(sample), len(sample))
-
-    sizes = {"PubMedQA": (len(pubmedqa.documents), pubmedqa_index.size),
-             "MedQuAD": (len(medquad.documents), medquad_index.size)}
-    markdown = report(results, sizes, demo, real_sets, sweep_rows, ci_cost, build_minutes, argv)
+    markdown = report(figures)
     if args.no_write:
         print(markdown)
     else:
@@ -350,73 +361,127 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def measure(cache_dir: Path, with_sweep: bool, with_ci_cost: bool) -> dict[str, Any]:
+    """Build (or reuse) the indexes and take every figure the report shows."""
+    from assistant import models
+    from assistant.config import Settings
+    from assistant.retrieval import Retriever
+
+    # indexes, built once and then reused from the cache folder
+    embedder = models.load_embedder(models.resolve_embedder(""), "cpu")
+    start = time.perf_counter()
+    pubmedqa = pubmedqa_set()
+    pubmedqa_index = build_retrieval_index(pubmedqa.documents, cache_dir / "pubmedqa", progress=True)
+    medquad = medquad_set(medquad_documents())
+    medquad_index = build_retrieval_index(medquad.documents, cache_dir / "medquad", progress=True)
+    figures: dict[str, Any] = {
+        "retriever_defaults": retriever_defaults(),
+        "top_k": Settings().top_k,
+        "min_relevance": Settings().min_relevance,
+        "build_minutes": (time.perf_counter() - start) / 60,
+        "sizes": {"PubMedQA": [len(pubmedqa.documents), pubmedqa_index.size],
+                  "MedQuAD": [len(medquad.documents), medquad_index.size]},
+    }
+
+    # recall of the default retriever
+    pubmedqa_retriever = Retriever(pubmedqa_index, embedder)
+    medquad_retriever = Retriever(medquad_index, embedder)
+    subset = medquad_set(medquad.documents, queries=CI_QUESTIONS, random_distractors=CI_RANDOM_DISTRACTORS)
+    subset_index = subset_of_index(cache_dir / "medquad", cache_dir / "medquad-ci-subset", subset.documents)
+    figures["recall"] = {
+        "PubMedQA, all 1,000 questions": evaluate(pubmedqa_retriever, pubmedqa),
+        f"PubMedQA, first {CI_QUESTIONS} questions (the CI test)": evaluate(pubmedqa_retriever,
+                                                                          pubmedqa.head(CI_QUESTIONS)),
+        f"MedQuAD, {MEDQUAD_SAMPLE} sampled questions": evaluate(medquad_retriever, medquad),
+        f"MedQuAD CI subset, {len(subset.documents):,} answers in {subset_index.size:,} chunks, first "
+        f"{CI_QUESTIONS} sampled questions (the CI test)": evaluate(Retriever(subset_index, embedder), subset),
+    }
+
+    # relevance gate
+    top_k = Settings().top_k
+    figures["demo_gate"] = demo_gate(cache_dir)
+    figures["real_gate"] = {
+        "PubMedQA, all (in corpus)": best_cosines(pubmedqa_retriever, pubmedqa.queries, top_k),
+        "MedQuAD, sampled (in corpus)": best_cosines(medquad_retriever, medquad.queries, top_k),
+    }
+
+    if with_sweep:
+        pubmedqa_rows = sweep(pubmedqa_index, embedder, pubmedqa)
+        medquad_rows = sweep(medquad_index, embedder, medquad)
+        figures["sweep"] = [(v, p, m) for (v, p), (_, m) in zip(pubmedqa_rows, medquad_rows, strict=True)]
+    if with_ci_cost:
+        # every 30th chunk: about 520 texts spread over all MedQuAD sources and lengths
+        rows = medquad_index.chunks_by_int_id(medquad_index.bm25_ids[::30].tolist())
+        sample = [chunk.embedding_text for chunk in rows.values()]
+        figures["ci_cost"] = {"chunking": chunking_cost(medquad.documents),
+                              "rates": embedding_throughput(sample), "sample": len(sample)}
+    return figures
+
+
 MEDICAL_OUT = {
     "What topical treatment is first line for mild acne vulgaris?",
     "Which eye drops are first line for primary open-angle glaucoma?",
 }
 
 
-def report(results: dict[str, dict[str, dict[int, float]]], sizes: dict[str, tuple[int, int]],
-           demo: list[tuple[dict[str, Any], float]], real_sets: dict[str, list[float]], sweep_rows: list,
-           ci_cost: tuple | None, build_minutes: float, argv: Sequence[str] | None) -> str:
-    """The "Retrieval quality" section of docs/benchmarks.md, tables and the reading of them."""
-    from assistant.config import Settings
-    from assistant.retrieval import Retriever
-
-    defaults = Retriever.__init__.__defaults__
-    flags = " ".join(argv) if argv else ""
+def report(figures: dict[str, Any]) -> str:
+    """The "Retrieval quality" section of docs/benchmarks.md: setup, tables and what they show."""
+    sizes = figures["sizes"]
+    defaults = ", ".join(f"`{name}={value}`" for name, value in figures["retriever_defaults"].items())
     parts = [
         "## Retrieval quality",
         "",
-        f"`python -m benchmarks.retrieval_quality {flags}`".replace(" `", "`"),
-        f"on {today()}: {machine()}; load average {load_average()} at the end, because the machine was shared. "
-        f"Building the indexes took {build_minutes:.0f} min, nearly all of it embedding.",
+        f"`{figures['command']}` on {figures['date']}: {figures['machine']}. Load average "
+        f"{figures['load_average']} at the end (the machine was shared). Building or reusing the indexes took "
+        f"{figures['build_minutes']:.0f} min.",
         "",
         "Data: PubMedQA (Jin et al., 2019, MIT licence) and MedQuAD (Ben Abacha and Demner-Fushman, 2019, "
-        "CC BY 4.0). "
-        f"PubMedQA: {sizes['PubMedQA'][0]:,} abstracts, every context paragraph indexed, {sizes['PubMedQA'][1]:,} "
-        f"chunks. MedQuAD: {sizes['MedQuAD'][0]:,} answers, each its own document titled by its focus and "
-        f"sectioned by its question type, {sizes['MedQuAD'][1]:,} chunks. Default chunking (200 tokens, 32 "
-        f"overlap). MedQuAD questions: {MEDQUAD_SAMPLE} pairs drawn by `random.Random({MEDQUAD_SEED}).sample` "
-        "from the answers sorted by document id; gold is the pair's own answer or any answer with the same "
-        "text. A question counts as found at k when a gold document owns one of the first k chunks returned "
-        "(chunks, not documents, so several chunks of one long answer can fill the list).",
+        f"CC BY 4.0). PubMedQA: {sizes['PubMedQA'][0]:,} abstracts with every context paragraph indexed, "
+        f"{sizes['PubMedQA'][1]:,} chunks. MedQuAD: {sizes['MedQuAD'][0]:,} answers, each its own document "
+        f"titled by its focus and sectioned by its question type, {sizes['MedQuAD'][1]:,} chunks. Both use the "
+        f"default chunking (200 tokens, 32 overlap). The MedQuAD questions are {MEDQUAD_SAMPLE} pairs drawn by "
+        f"`random.Random({MEDQUAD_SEED}).sample` from the answers sorted by document id. Gold is the pair's "
+        "own answer or any answer with the same text.",
         "",
-        f"Default hybrid search (`Retriever` defaults: {retriever_defaults(defaults)}):",
+        "`R@k` counts a question as found when a gold document owns one of the first k chunks returned, "
+        "which is what `bedside search --top-k k` shows. `doc R@k` reads the same ranking by distinct "
+        "documents (later chunks of a document already listed are skipped).",
+        "",
+        f"Default hybrid search, `Retriever` defaults {defaults}:",
     ]
-    for name, scores in results.items():
+    for name, scores in figures["recall"].items():
         parts += ["", f"**{name}**", "", recall_table(scores)]
     parts += ["", HYBRID_NOTES]
-    if sweep_rows:
-        parts += ["", "**Hybrid variants** (arguments not listed keep the defaults above)", "",
-                  sweep_table(sweep_rows)]
+    if figures.get("sweep"):
+        parts += ["", "**Hybrid variants** (arguments not listed keep the defaults above; R@k as above)", "",
+                  sweep_table(figures["sweep"])]
 
-    gate = Settings().min_relevance
     parts += ["", "### Relevance gate", "",
-              f"Best-chunk cosine similarity over the top {Settings().top_k} hybrid hits (what `bedside ask` "
-              f"compares with `min_relevance`, default {gate:.2f}), and the share of questions below each "
-              "candidate gate:", "",
-              gate_table(demo, real_sets), "", GATE_NOTES]
+              f"Best-chunk cosine similarity over the top {figures['top_k']} hybrid hits, the value `bedside "
+              f"ask` compares with `min_relevance` (default {figures['min_relevance']:.2f}), and the share of "
+              "questions below each candidate gate:", "",
+              gate_table(figures["demo_gate"], figures["real_gate"]), "", GATE_NOTES]
 
-    if ci_cost:
-        chunking, rates, sample_size = ci_cost
+    if figures.get("ci_cost"):
+        cost = figures["ci_cost"]
         parts += ["", "### Embedding cost and the CI subset", "",
-                  "| MedQuAD chunk size | chunks | embedder tokens |", "|---|---|---|"]
-        parts += [f"| {size} | {chunks:,} | {tokens:,} |" for size, (chunks, tokens) in chunking.items()]
-        parts += ["", f"| batch size | chunks embedded per CPU second ({sample_size} MedQuAD chunks) |",
+                  "| MedQuAD chunk size (tokens) | chunks | embedder tokens, headers included |", "|---|---|---|"]
+        parts += [f"| {size} | {chunks:,} | {tokens:,} |" for size, (chunks, tokens) in cost["chunking"].items()]
+        parts += ["", f"| batch size | chunks embedded per CPU second ({cost['sample']} MedQuAD chunks) |",
                   "|---|---|"]
-        parts += [f"| {batch} | {rate:.1f} |" for batch, rate in rates.items()]
+        parts += [f"| {batch} | {rate:.1f} |" for batch, rate in cost["rates"].items()]
         parts += ["", CI_NOTES]
     return "\n".join(parts)
 
 
-def retriever_defaults(defaults: tuple) -> str:
+def retriever_defaults() -> dict[str, Any]:
+    """The keyword defaults of `Retriever`, so the report names the configuration it measured."""
     import inspect
 
     from assistant.retrieval import Retriever
 
-    names = [p for p in inspect.signature(Retriever.__init__).parameters if p not in {"self", "index", "embedder"}]
-    return ", ".join(f"`{n}={v}`" for n, v in zip(names, defaults, strict=True))
+    parameters = inspect.signature(Retriever.__init__).parameters.values()
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
 
 
 HYBRID_NOTES = "TODO"

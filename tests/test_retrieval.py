@@ -41,7 +41,8 @@ def clean_env(tmp_path, monkeypatch):
 
 
 def demo_questions() -> list[dict]:
-    return [json.loads(line) for line in DEMO_QUESTIONS.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = DEMO_QUESTIONS.read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 # dense search against a brute-force oracle
@@ -111,7 +112,7 @@ def test_filters_combine(demo_retriever):
     assert all(h.specialty == "oncology" and h.date >= "2025-01-01" for h in hits)
 
 
-def test_since_after_every_date_returns_nothing(demo_retriever):
+def test_since_after_all_dates_empty(demo_retriever):
     assert demo_retriever.search("heart failure", since="2099-01-01") == []
 
 
@@ -142,13 +143,15 @@ def test_cli_search_filters(demo_index_dir, clean_env, capsys):
 def guideline(doc_id: str, date: str, version: str, dose: str, issuer: str = "Renal Society") -> Document:
     text = (f"Hyperkalaemia with ECG changes: give {dose} of 10% calcium gluconate intravenously over ten "
             "minutes, then insulin with glucose, and recheck potassium within one hour.")
-    return Document(doc_id=doc_id, title="Acute Hyperkalaemia", sections=[Section(text, "Emergency treatment")],
-                    source=f"{doc_id}.md", date=date, specialty="nephrology", issuer=issuer, version=version)
+    section = Section(text, "Emergency treatment")
+    return Document(doc_id=doc_id, title="Acute Hyperkalaemia", sections=[section], source=f"{doc_id}.md",
+                    date=date, specialty="nephrology", issuer=issuer, version=version)
 
 
 def unrelated() -> Document:
-    return Document(doc_id="asthma", title="Asthma", sections=[Section("Inhaled corticosteroids prevent attacks.")],
-                    source="asthma.md", date="2019-05-01", specialty="pulmonology")
+    section = Section("Inhaled corticosteroids prevent attacks.")
+    return Document(doc_id="asthma", title="Asthma", sections=[section], source="asthma.md",
+                    date="2019-05-01", specialty="pulmonology")
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +183,7 @@ def test_only_newest_version_returned(versioned_index, embedder, mode):
     assert "local-v9" not in doc_ids
 
 
-def test_older_versions_kept_when_preference_off(versioned_index, embedder):
+def test_older_versions_kept_without_preference(versioned_index, embedder):
     hits = Retriever(versioned_index, embedder, prefer_newest=False).search(
         "10 mL of 10% calcium gluconate", top_k=10)
 
@@ -211,7 +214,7 @@ def test_gate_separates_demo_questions(demo_retriever):
         hits = demo_retriever.search(question["question"], top_k=Settings().top_k)
         best = max(h.dense_score for h in hits)
         if question["in_corpus"]:
-            assert passes_relevance_gate(hits, gate), f"{question['question']!r}: best cosine {best:.3f} < {gate}"
+            assert passes_relevance_gate(hits, gate), f"{question['question']!r}: best cosine {best:.3f}"
             assert hits[0].doc_id == question["doc_id"], question["question"]
         elif question["question"] in gated_off:
             assert not passes_relevance_gate(hits, gate), f"{question['question']!r}: best cosine {best:.3f}"

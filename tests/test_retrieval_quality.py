@@ -14,6 +14,8 @@ from conftest import build_index, need_shared
 from assistant.indexing import IndexStore
 from assistant.retrieval import Retriever
 from benchmarks.retrieval_quality import (
+    CI_QUESTIONS,
+    CI_RANDOM_DISTRACTORS,
     KS,
     MEDQUAD_SEED,
     medquad_documents,
@@ -22,17 +24,14 @@ from benchmarks.retrieval_quality import (
     recall_at_k,
 )
 
-PUBMEDQA_QUESTIONS = 200
-MEDQUAD_QUESTIONS = 200
-MEDQUAD_RANDOM_DISTRACTORS = 300
-
 
 def open_index(root, documents, embedder, embedder_info):
     build_index(root, documents, embedder, embedder_info)
     return IndexStore(root).open(embedder_info)
 
 
-def recall_by_mode(retriever: Retriever, queries: list[str], gold: list[set[str]]) -> dict[str, dict[int, float]]:
+def recall_by_mode(retriever: Retriever, queries: list[str],
+                   gold: list[set[str]]) -> dict[str, dict[int, float]]:
     return {mode: recall_at_k(retriever.search_many(queries, top_k=max(KS), mode=mode), gold)
             for mode in ("dense", "bm25", "hybrid")}
 
@@ -46,12 +45,12 @@ def test_pubmedqa_hybrid_recall(tmp_path_factory, embedder, embedder_info):
     """
     data = pubmedqa_set(need_shared("pubmedqa"))
     index = open_index(tmp_path_factory.mktemp("pubmedqa"), data.documents, embedder, embedder_info)
-    head = data.head(PUBMEDQA_QUESTIONS)
+    head = data.head(CI_QUESTIONS)
 
     recall = recall_by_mode(Retriever(index, embedder), head.queries, head.gold)
     index.close()
 
-    print(f"PubMedQA, first {PUBMEDQA_QUESTIONS} questions: {recall}")
+    print(f"PubMedQA, first {CI_QUESTIONS} questions: {recall}")
     assert len(data.documents) == 1000
     assert recall["hybrid"][5] >= 0.98
     assert recall["hybrid"][5] >= recall["dense"][5] - 0.01
@@ -69,14 +68,14 @@ def test_medquad_hybrid_beats_both(tmp_path_factory, embedder, embedder_info):
     better at recall@1 and recall@5 and no worse at recall@10.
     """
     data = medquad_set(medquad_documents(need_shared("medquad")), seed=MEDQUAD_SEED,
-                       queries=MEDQUAD_QUESTIONS, random_distractors=MEDQUAD_RANDOM_DISTRACTORS)
+                       queries=CI_QUESTIONS, random_distractors=CI_RANDOM_DISTRACTORS)
     index = open_index(tmp_path_factory.mktemp("medquad"), data.documents, embedder, embedder_info)
 
     recall = recall_by_mode(Retriever(index, embedder), data.queries, data.gold)
     index.close()
 
     print(f"MedQuAD subset ({len(data.documents)} answers, {len(data.queries)} questions): {recall}")
-    assert len(data.queries) == MEDQUAD_QUESTIONS
+    assert len(data.queries) == CI_QUESTIONS
     for k in (1, 5):
         assert recall["hybrid"][k] > recall["dense"][k], f"recall@{k}: {recall}"
         assert recall["hybrid"][k] > recall["bm25"][k], f"recall@{k}: {recall}"

@@ -104,9 +104,9 @@ def trained_adapters(tiny_data, tuning_settings):
     results = {
         "cardiology": train_adapter(tuning_settings, tiny_data["cardiology"], "cardiology", max_steps=20, lr=2e-3),
         "infectious_disease": train_adapter(tuning_settings, tiny_data["infectious_disease"], "infectious_disease",
-                                            max_steps=6, lr=3e-3),
+                                            max_steps=3, lr=3e-3),
         "discharge_summary": train_adapter(tuning_settings, tiny_data["discharge_summary"], "discharge_summary",
-                                           max_steps=6, lr=3e-3),
+                                           max_steps=3, lr=3e-3),
     }
     for specialty, result in results.items():
         if specialty != "cardiology":

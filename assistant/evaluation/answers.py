@@ -1,7 +1,7 @@
 """Checks on cited free-text answers: citation validity, sentence support and abstention.
 
-Citation validity counts the markers in the model's raw output (before the verifier removes bad
-ones or attaches sources to uncited sentences): a marker is valid when it names one of the sources
+Citation validity counts the markers in the model's raw output, before the verifier removes bad
+ones or attaches sources to uncited sentences. A marker is valid when it names one of the sources
 the prompt numbered. The supported-sentence rate is the share of the verified answer's sentences
 whose cited (or attached) source clears the verifier's support threshold.
 """

@@ -1,9 +1,9 @@
 """Evaluation sets: PubMedQA, JSONL retrieval sets, question files; PubMedQA as training data.
 
-PubMedQA (Jin et al., 2019, MIT licence) is read from its release files: `ori_pqal.json`, keyed by
-PubMed id with QUESTION, CONTEXTS (abstract paragraphs without the conclusion), LABELS,
-final_decision and LONG_ANSWER (the conclusion), and `test_ground_truth.json`, whose keys are the
-500 test ids. The other 500 ids are the training split.
+PubMedQA (Jin et al., 2019, MIT licence) is read from two release files. `ori_pqal.json` is keyed
+by PubMed id, with QUESTION, CONTEXTS (abstract paragraphs without the conclusion), LABELS,
+final_decision and LONG_ANSWER (the conclusion). The keys of `test_ground_truth.json` are the 500
+test ids, and the other 500 ids are the training split.
 """
 
 from __future__ import annotations

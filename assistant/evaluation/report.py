@@ -92,7 +92,8 @@ def write_plots(report: dict[str, Any], out: Path) -> dict[str, str]:
         axis.axhline(maximum, color="grey", linestyle="--", label="maximum (rank 1)")
     axis.set_xticks([i + width * (len(planted) - 1) / 2 for i in range(len(names))], names)
     axis.set_ylabel("exposure (bits)")
-    axis.set_title(f"canary exposure ({report['canaries']['repeats']} copies each in training)")
+    axis.set_title(f"canary exposure ({report['canaries']['repeats']} copies each in the training file,\n"
+                   f"about {report['canaries']['expected_copies_seen']:g} within the step budget)")
     axis.legend()
     figure.tight_layout()
     paths["memorization"] = _save(figure, out / PLOTS["memorization"])

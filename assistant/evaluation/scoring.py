@@ -1,9 +1,9 @@
 """Quality measures of a causal LM on held-out chat examples and on plain text.
 
 Held-out loss uses the training recipe's own tokenization and loss (answer tokens only), so the
-numbers match what `bedside train` records. The task metric depends on the data: when every
+numbers match what `bedside train` records. The task metric depends on the data. When every
 held-out answer starts with yes, no or maybe (PubMedQA-style data), it is decision accuracy by
-constrained scoring; otherwise it is ROUGE-L F1 of a greedy answer against the reference.
+constrained scoring. Otherwise it is ROUGE-L F1 of a greedy answer against the reference.
 """
 
 from __future__ import annotations
