@@ -156,8 +156,8 @@ class Retriever:
     or version), only the newest version's chunks are searched (`prefer_newest`).
     """
 
-    def __init__(self, index: LoadedIndex, embedder: Any, fusion: str = "weighted", dense_weight: float = 0.7,
-                 candidates: int = 100, rrf_k: int = 60, title_boost: float = 0.3, section_boost: float = 0.3,
+    def __init__(self, index: LoadedIndex, embedder: Any, fusion: str = "weighted", dense_weight: float = 0.6,
+                 candidates: int = 100, rrf_k: int = 60, title_boost: float = 0.3, section_boost: float = 0.4,
                  prefer_newest: bool = True) -> None:
         if fusion not in FUSIONS:
             raise BedsideError(f"fusion {fusion!r} is invalid; use one of {', '.join(FUSIONS)}")

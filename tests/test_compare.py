@@ -173,3 +173,24 @@ def test_canary_exposure_rises_with_full_fine_tuning(tmp_path, base_model):
     assert after["exposure"] > before["exposure"] + 2, (before, after)
     assert after["rank"] <= 4, after
     assert extracted(trained, trained_tokenizer, canary)["extracted"], "greedy decoding did not reproduce it"
+
+
+def test_decision_single_pass_matches_two_passes(tmp_path, base_model):
+    """The one-pass loss and decision scorer equals the recipe's loss and the option scorer."""
+    from assistant.evaluation.datasets import load_pubmedqa, spread, write_pubmedqa_training
+    from assistant.evaluation.scoring import (
+        decision_heldout,
+        decision_quality,
+        heldout_quality,
+        load_chat_examples,
+    )
+
+    _, test_path = write_pubmedqa_training(load_pubmedqa(need_shared("pubmedqa")), tmp_path)
+    examples = load_chat_examples(test_path)
+    examples = [examples[i] for i in spread(list(range(len(examples))), 3)]
+    model, tokenizer = base_model
+    heldout, task = decision_heldout(model, tokenizer, examples, max_seq_length=1024)
+    assert heldout["loss"] == pytest.approx(heldout_quality(model, tokenizer, examples, 1024)["loss"], abs=1e-4)
+    separate = decision_quality(model, tokenizer, examples)
+    assert task["value"] == separate["value"]
+    assert task["predicted"] == separate["predicted"]

@@ -112,10 +112,10 @@ def oracle_metrics(rankings: list[list[str]], golds: list[set[str]]) -> dict[str
     n = len(rankings)
     out = {}
     for k in (1, 5, 10):
-        out[f"recall@{k}"] = sum(sum(1 for d in r[:k] if d in g) / len(g) for r, g in zip(rankings, golds)) / n
+        out[f"recall@{k}"] = sum(sum(1 for d in r[:k] if d in g) / len(g) for r, g in zip(rankings, golds, strict=True)) / n
     rr = []
     nd = []
-    for ranking, gold in zip(rankings, golds):
+    for ranking, gold in zip(rankings, golds, strict=True):
         hits = [d in gold for d in ranking[:10]]
         rr.append(1 / (hits.index(True) + 1) if True in hits else 0.0)
         dcg = sum(h / math.log2(i + 2) for i, h in enumerate(hits))
@@ -156,7 +156,7 @@ def test_eval_retrieval_matches_brute_force(handmade_set, embedder, tmp_path):
     expected = oracle_metrics(rankings, golds)
     for name, value in expected.items():
         assert report["modes"]["dense"][name] == pytest.approx(value, abs=1e-9), name
-    for row, ranking in zip(report["per_query"], rankings):
+    for row, ranking in zip(report["per_query"], rankings, strict=True):
         assert row["dense"] == ranking
 
     # the other modes: the reported numbers follow from the reported rankings

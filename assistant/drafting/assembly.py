@@ -690,7 +690,8 @@ def _medications(
             text=_concept_text(concept),
             sources=[r.key for r in rows],
             code=_concept_code(concept),
-            date=rows[-1].resource.get("authoredOn"),
+            # the first order's date, so "since" reads as when the drug was started
+            date=rows[0].resource.get("authoredOn"),
             status=status,
             detail=_dosage_text(rows[-1].resource),
         )

@@ -7,6 +7,7 @@ does not pass the relevance gate yields nothing; a stay with no relevant hit get
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,8 @@ from assistant.retrieval import Hit, Retriever, passes_relevance_gate
 
 MAX_QUERIES = 8
 MAX_RECOMMENDATIONS = 5
+# so that one well-covered diagnosis cannot take every slot
+MAX_PER_DIAGNOSIS = 2
 HITS_PER_QUERY = 3
 
 
@@ -103,9 +106,13 @@ def _pick(
         )
         return result
 
-    chosen = sorted(best.values(), key=lambda item: (-item[0].dense_score, item[0].chunk_id))[
-        :MAX_RECOMMENDATIONS
-    ]
+    ranked = sorted(best.values(), key=lambda item: (-item[0].dense_score, item[0].chunk_id))
+    per_query: dict[str, int] = {}
+    chosen = []
+    for hit, query, fact in ranked:
+        if per_query.get(query, 0) < MAX_PER_DIAGNOSIS and len(chosen) < MAX_RECOMMENDATIONS:
+            per_query[query] = per_query.get(query, 0) + 1
+            chosen.append((hit, query, fact))
     quotes = _closest_sentences([(hit.text, query) for hit, query, _ in chosen], embed)
     for marker, ((hit, query, fact), quote) in enumerate(zip(chosen, quotes, strict=True), 1):
         result.items.append(
@@ -137,11 +144,13 @@ def _pick(
 
 
 def _quotable(text: str) -> list[str]:
-    """Sentences of a chunk worth quoting: no headings, table rows or fragments."""
+    """Return the sentences of a chunk worth quoting: no headings, table rows or fragments."""
     sentences = []
     for line in text.splitlines():
         if line.lstrip().startswith(("#", "|")):
             continue
+        # a list item is quoted without its bullet
+        line = re.sub(r"^\s*(?:[-*•]|\d+[.)])\s+", "", line)
         sentences += [s for s in split_sentences(line) if len(s.split()) >= 4]
     return sentences
 

@@ -180,7 +180,12 @@ def read_stays(input_path: Path, options: DraftOptions) -> ReadResult:
 
 
 def draft_config(settings: Settings, options: DraftOptions) -> dict[str, Any]:
-    """Return the settings that shape a draft's content; a change in any of them makes drafts stale."""
+    """Return the settings that shape a draft's content; a change in any of them makes drafts stale.
+
+    NOTE: the bedside code version is not among them, so an upgrade alone keeps existing drafts
+    (each records the version that wrote it); pass --force to redo them, or bump PROMPT_VERSION or
+    DRAFT_FORMAT when a change must invalidate them.
+    """
     from assistant import models
     from assistant.indexing import IndexStore
 

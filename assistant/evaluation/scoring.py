@@ -65,9 +65,9 @@ def decision_heldout(model: Any, tokenizer: Any, examples: list[Any], max_seq_le
     """Score held-out loss and decision accuracy of decision data in one forward pass per batch.
 
     The logits at the last prompt position are the ones `OptionScorer` reads, and the answer
-    tokens after it carry the loss, so one pass gives both; on long PubMedQA prompts this halves
-    the evaluation time. The loss is computed as `heldout_loss` computes it (token-weighted mean
-    over answer tokens). Examples whose prompt fills `max_seq_length` are skipped for both.
+    tokens after it carry the loss, so one forward pass gives both instead of two. The loss is
+    computed as `heldout_loss` computes it (token-weighted mean over answer tokens). Examples
+    whose prompt fills `max_seq_length` are skipped for both.
     """
     import math
 
