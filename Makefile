@@ -36,8 +36,12 @@ index: $(VENV)/.installed
 run: $(VENV)/.installed index/CURRENT
 	$(BIN)/python launch.py --host $(HOST) --port $(PORT)
 
+# pytest exits 5 when it collected no tests; that must not pass as green.
+PYTEST = status=0; $(BIN)/python -m pytest $(1) || status=$$?; \
+	if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$status
+
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest
+	$(call PYTEST,)
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python -m benchmarks.run
@@ -73,8 +77,8 @@ serve-vllm: $(VENV)/.installed $(VLLM_VENV)/.installed
 
 # Starts its own server on a free loopback port; BEDSIDE_REQUIRE_VLLM turns a missing vLLM into a failure.
 test-vllm: $(VENV)/.installed-dev $(VLLM_VENV)/.installed
-	BEDSIDE_REQUIRE_VLLM=1 BEDSIDE_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python \
-		$(BIN)/python -m pytest tests/vllm
+	export BEDSIDE_REQUIRE_VLLM=1 BEDSIDE_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python; \
+		$(call PYTEST,tests/vllm)
 
 clean:
 	rm -rf $(VENV) index/versions index/CURRENT
