@@ -83,6 +83,51 @@ def test_ask_through_vllm_cites(vllm_server, adapters_dir, demo_index_dir, tmp_p
     assert (row["backend"], row["model"], row["adapter_name"]) == ("vllm", BASE_NAME, "endo-b")
 
 
+def test_draft_discharge_through_vllm(vllm_server, adapters_dir, demo_index_dir, tmp_path):
+    """Drafting moves only generation to vLLM: facts, checks, files and the audit row stay in bedside."""
+    from tests.conftest import REPO
+
+    audit_db = tmp_path / "audit.db"
+    out = tmp_path / "drafts"
+    env = {
+        "BEDSIDE_BACKEND": "vllm",
+        "BEDSIDE_VLLM_URL": vllm_server.url,
+        "BEDSIDE_ADAPTERS_DIR": str(adapters_dir),
+        "BEDSIDE_AUDIT_DB": str(audit_db),
+    }
+
+    result = run_cli(
+        "draft-discharge",
+        str(REPO / "tests" / "data" / "notes_example.jsonl"),
+        "--out",
+        str(out),
+        "--specialty",
+        "cardiology",
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "32",
+        "--index",
+        str(demo_index_dir),
+        "--no-progress",
+        env=env,
+    )
+
+    assert result.returncode == 0, result.stderr
+    drafts = sorted(out.glob("*.json"))
+    assert len(drafts) == 2, result.stdout
+    rows = audit_rows(audit_db)
+    assert len(rows) == 2
+    for path, row in zip(drafts, rows, strict=True):
+        draft = json.loads(path.read_text())
+        provenance = draft["provenance"]
+        assert provenance["model"] == BASE_NAME
+        assert provenance["adapter"]["name"] == "cardio-a"
+        assert provenance["settings"]["backend"] == "vllm"
+        assert draft["sections"]["hospital_course"]["sentences"], draft["sections"]["hospital_course"]
+        assert (row["kind"], row["backend"], row["adapter_name"]) == ("draft", "vllm", "cardio-a")
+
+
 def test_two_adapters_run_concurrently(vllm_server):
     from transformers import AutoTokenizer
 
