@@ -106,6 +106,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as err:
+        # A file operation no command checks for (a folder turned read-only, a disk filled up mid-run)
+        # still ends in one line naming the file and the fix rather than a traceback.
+        where = f" on {err.filename!r}" if err.filename else ""
+        print(f"bedside: error: {err.strerror or err}{where}; check that the path exists and is writable and "
+              "that the disk has free space, then rerun", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,12 +27,56 @@ def fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-def _explain(path: Path, err: OSError) -> BedsideError:
-    if err.errno == errno.ENOSPC:
+def write_failure_kind(path: Path, err: BaseException) -> str:
+    """Classify a failed write of `path`: "no_space", "read_only" or "other".
+
+    numpy, FAISS and SQLite report a short write on a full disk without an errno, so a failure
+    without one counts as "no_space" when less than 1 MiB is free where `path` lives.
+    """
+    code = getattr(err, "errno", None)
+    if code == errno.ENOSPC:
+        return "no_space"
+    if code in {errno.EACCES, errno.EPERM, errno.EROFS}:
+        return "read_only"
+    if code is None:
+        folder = Path(path)
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        with contextlib.suppress(OSError):
+            if shutil.disk_usage(folder).free < 1 << 20:
+                return "no_space"
+    return "other"
+
+
+def explain_write_error(path: Path, err: OSError, setting: str = "") -> BedsideError:
+    """Turn an OSError from writing `path` into a one-line BedsideError naming the path and the fix.
+
+    `setting` names the option or setting that chose the location (e.g. "--out"), so the message
+    can say which one to change.
+    """
+    where = f" for {setting}" if setting else ""
+    kind = write_failure_kind(path, err)
+    if kind == "no_space":
         return BedsideError(f"no space left on the device writing {str(path)!r}; free disk space and rerun")
-    if err.errno in {errno.EACCES, errno.EPERM, errno.EROFS}:
-        return BedsideError(f"cannot write {str(path)!r} (permission denied or read-only); choose a writable folder")
-    return BedsideError(f"writing {str(path)!r} failed: {err}")
+    if kind == "read_only":
+        return BedsideError(f"cannot write {str(path)!r} (permission denied or read-only); "
+                            f"choose a writable folder{where}")
+    # numpy and some other writers raise OSError without an errno when a write comes up short
+    return BedsideError(f"writing {str(path)!r} failed ({err}); check free disk space and permissions, "
+                        "then rerun")
+
+
+def ensure_writable_folder(folder: Path, setting: str = "") -> Path:
+    """Create `folder` if needed and prove it takes a file, before any slow work writes there."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".bedside-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise explain_write_error(folder, err, setting) from err
+    return folder
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -40,7 +85,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as err:
-        raise _explain(path, err) from err
+        raise explain_write_error(path, err) from err
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -51,7 +96,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except OSError as err:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise _explain(path, err) from err
+        raise explain_write_error(path, err) from err
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -67,8 +112,12 @@ def exclusive_lock(path: Path) -> Iterator[None]:
     """Hold an advisory lock on `path` for the duration; a second holder fails fast with a clear error."""
     import fcntl
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+")
+    except OSError as err:
+        raise explain_write_error(path, err) from err
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as err:

@@ -70,6 +70,47 @@ def test_parse_time_partial_and_invalid():
             parse_time(bad)
 
 
+def test_omit_sections_by_heading():
+    from assistant.drafting.narrative import omit_sections
+
+    text = (
+        "# Chief Complaint\n- Cough\n\n# Social History\nLives alone. Smokes.\n## Work\nNight shifts.\n\n"
+        "# Medications\naspirin 81 mg\n\n# Assessment and Plan\nPneumonia.\n## Plan\nAmoxicillin.\n"
+        "ALLERGIES:\nPenicillin rash\nCOURSE:\nImproved."
+    )
+
+    kept, removed = omit_sections(text)
+
+    assert removed == ["Social History", "Medications", "ALLERGIES"]
+    assert kept == (
+        "# Chief Complaint\n- Cough\n\n# Assessment and Plan\nPneumonia.\n## Plan\nAmoxicillin.\n"
+        "COURSE:\nImproved."
+    )
+
+
+def test_drop_restated_facts_keeps_new_lines():
+    from assistant.drafting.narrative import drop_restated_facts
+    from assistant.drafting.stay import Fact
+
+    facts = [Fact("Cisplatin 50 MG Injection", ["MedicationRequest/m1"]),
+             Fact("Hearing examination (procedure)", ["Procedure/p1"])]
+    text = (
+        "History of stress (finding) and sinusitis (disorder).\n"
+        "The following procedures were conducted:\n- hearing examination (procedure)\n"
+        "- hearing examination (procedure)\n"
+        "The patient was prescribed the following medications:\n- cisplatin 50 mg injection\n"
+        "- ondansetron 8 mg\n"
+    )
+
+    kept, dropped = drop_restated_facts(text, facts)
+
+    assert kept == (
+        "History of stress and sinusitis.\n"
+        "The patient was prescribed the following medications:\n- ondansetron 8 mg"
+    )
+    assert dropped == 4
+
+
 def test_collapse_repeated_lines_counts():
     from assistant.drafting.narrative import collapse_repeated_lines
 

@@ -64,6 +64,20 @@ def test_load_examples_reports_bad_lines(tmp_path):
     assert "both" in problems[7]
 
 
+def test_load_examples_keeps_unicode_line_separators(tmp_path):
+    # JSON allows U+2028, U+2029 and U+0085 unescaped inside strings; only "\n" ends a JSONL record
+    answer = "First line\u2028second line\u2029third\u0085fourth."
+    records = [{"instruction": "Keep the separators.", "output": answer}, INSTRUCTION]
+    path = tmp_path / "data.jsonl"
+    path.write_text("\r\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\r\n", encoding="utf-8")
+    assert "\u2028" in path.read_text(encoding="utf-8")
+
+    report = load_examples(path)
+    assert report.problems == []
+    assert [e.line for e in report.examples] == [1, 2]
+    assert report.examples[0].messages[1]["content"] == answer
+
+
 def test_load_examples_rejects_file_without_valid_lines(tmp_path):
     path = write_lines(tmp_path / "bad.jsonl", ["{broken", json.dumps({"text": "plain"})])
     with pytest.raises(BedsideError, match=r"no valid examples \(line 1: invalid JSON.*line 2: has neither"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 
 import pytest
@@ -177,3 +178,58 @@ def test_cli_train_reports_bad_lines_and_registers(tmp_path, tiny_data):
     assert listed.returncode == 0, listed.stderr
     entries = json.loads(listed.stdout)
     assert [(e["name"], e["status"], e["method"]) for e in entries] == [("cli-cardiology", "candidate", "lora")]
+
+
+def test_cli_train_rejects_file_without_valid_lines(tmp_path):
+    """The base path does not exist, so reaching any model load would fail with another message."""
+    from conftest import run_cli
+
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps({"text": "plain"}) + "\n{oops\n", encoding="utf-8")
+    result = run_cli("train", "--specialty", "cardiology", "--data", str(data),
+                     "--base", str(tmp_path / "no-model"), cwd=tmp_path,
+                     env={"BEDSIDE_ADAPTERS_DIR": str(tmp_path / "adapters")})
+    assert result.returncode == 1
+    assert "has no valid examples (line 1: has neither `messages` nor `instruction`" in result.stderr
+    assert "line 2: invalid JSON" in result.stderr
+    assert not (tmp_path / "adapters").exists()
+
+
+def test_unmatched_target_modules_rejected_in_training(tiny_data, tmp_path):
+    from tuning_support import train_adapter
+
+    from assistant.config import Settings
+
+    settings = Settings(adapters_dir=tmp_path / "adapters", dtype="float32", device="cpu")
+    with pytest.raises(BedsideError, match=r"--target-modules query_key_value matched 0 of \d+ modules"):
+        train_adapter(settings, tiny_data["cardiology"], "cardiology", target_modules=["query_key_value"],
+                      max_steps=1)
+    assert not (tmp_path / "adapters").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="QLoRA trains on a CUDA GPU only")
+def test_qlora_trains_on_cuda(tiny_data, tmp_path, base_model):
+    """A 4-bit QLoRA run saves a plain LoRA adapter that loads on the full-precision base."""
+    pytest.importorskip("bitsandbytes")
+    from peft import PeftModel
+    from tuning_support import train_adapter
+
+    from assistant.config import Settings
+
+    settings = Settings(adapters_dir=tmp_path / "adapters", device="cuda")
+    result = train_adapter(settings, tiny_data["cardiology"], "cardiology", method="qlora", max_steps=5,
+                           lr=2e-3, register=False, out=str(tmp_path / "qlora"))
+    result.model = None
+    assert sorted(p.name for p in result.output.iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "training.json"]
+    record = json.loads((result.output / "training.json").read_text())
+    assert record["method"] == "qlora"
+    assert record["device"] == "cuda"
+    assert record["metrics"]["steps"] == 5
+    assert math.isfinite(record["metrics"]["heldout_loss"])
+
+    model, tokenizer = base_model
+    loaded = PeftModel.from_pretrained(copy.deepcopy(model), str(result.output)).eval()
+    batch = probe_batch(tokenizer)
+    with torch.inference_mode():
+        assert not torch.allclose(loaded(input_ids=batch).logits, model(input_ids=batch).logits, atol=1e-3)

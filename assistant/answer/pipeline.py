@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
@@ -15,13 +16,17 @@ from assistant.answer.generation import GenerationSettings, LocalGenerator
 from assistant.answer.prompt import context_limit, fit_prompt
 from assistant.config import Settings
 from assistant.retrieval import Hit, Retriever, passes_relevance_gate, validate_query
-from assistant.safety.injection import find_injections
+from assistant.safety.injection import find_injections, neutralize_injections
 
 logger = logging.getLogger(__name__)
 
 ABSTENTION = (
     "The indexed guidelines do not cover this question, so bedside gives no answer. "
     "Check the primary literature or ask a specialist."
+)
+NO_ROOM_FOR_SOURCES = (
+    "The question leaves no room for a guideline source in the model's context, so bedside gives no "
+    "answer. Shorten the question and ask again."
 )
 # A sentence counts as supported by a chunk at this cosine similarity (all-MiniLM-L6-v2); measured
 # on the demo corpus, where sentences restating a chunk score 0.5-0.8 and unrelated ones below 0.3.
@@ -134,26 +139,39 @@ class Assistant:
             best = max((h.dense_score for h in hits), default=0.0)
             flags.append({"type": "abstained", "detail": f"best chunk similarity {best:.2f} is below the "
                                                          f"relevance gate {self.settings.min_relevance:.2f}"})
-            yield AnswerEvent("token", ABSTENTION)
-            timings["total_s"] = round(time.perf_counter() - started, 4)
-            answer = self._answer(question, ABSTENTION, True, [], flags, [], choice, timings, hits, [], specialty)
-            self._record(answer, user)
-            yield AnswerEvent("answer", answer=answer)
+            yield from self._abstain(question, ABSTENTION, flags, [], choice, timings, started, hits,
+                                     specialty, user)
             return
 
-        # prompt: fenced numbered sources, fitted to the context window
+        # prompt: fenced numbered sources, fitted to the context window. Sentences that give the model
+        # orders are taken out of the prompt's copy of each source; citations keep the original text.
         model, tokenizer = self.generator.model, self.generator.tokenizer
         limit = context_tokens or context_limit(model, tokenizer)
+        originals = {hit.chunk_id: hit for hit in hits}
+        fenced = [dataclasses.replace(hit, text=neutralize_injections(hit.text)) for hit in hits]
         # history holds earlier turns of this clinician's own session only
-        prompt = fit_prompt(question, hits, tokenizer, limit, self.generation.max_new_tokens, history=history)
+        prompt = fit_prompt(question, fenced, tokenizer, limit, self.generation.max_new_tokens,
+                            history=history)
+        prompt.hits = [originals[hit.chunk_id] for hit in prompt.hits]
+        prompt.dropped = [originals[hit.chunk_id] for hit in prompt.dropped]
         for number, hit in enumerate(prompt.hits, 1):
             for injection in find_injections(hit.text):
                 flags.append({"type": "injection", "marker": number, "chunk_id": hit.chunk_id,
                               "detail": f"source [{number}] contains an instruction aimed at the model "
-                                        f"({injection['kind']}: {injection['match']!r}); it was treated as data"})
+                                        f"({injection['kind']}: {injection['match']!r}); it was removed from "
+                                        "the prompt and the source was used as data only"})
         for hit in prompt.dropped:
             flags.append({"type": "dropped_chunk", "chunk_id": hit.chunk_id,
                           "detail": "lowest-ranked chunk left out to fit the model's context"})
+        if not prompt.hits:
+            # without a source the model would answer from memory, with nothing to verify against
+            detail = (f"no retrieved source fits the model's {limit}-token context beside the question "
+                      f"({prompt.prompt_tokens} tokens without sources); shorten the question")
+            flags.append({"type": "abstained", "detail": detail})
+            dropped = [hit.chunk_id for hit in prompt.dropped]
+            yield from self._abstain(question, NO_ROOM_FOR_SOURCES, flags, dropped, choice, timings, started,
+                                     hits, specialty, user)
+            return
 
         # generate, streaming text as it comes
         t = time.perf_counter()
@@ -180,6 +198,16 @@ class Assistant:
         answer.generation["prompt_tokens"] = prompt.prompt_tokens
 
         # record
+        self._record(answer, user)
+        yield AnswerEvent("answer", answer=answer)
+
+    def _abstain(self, question: str, text: str, flags: list[dict[str, Any]], dropped: list[str],
+                 choice: AdapterChoice, timings: dict[str, float], started: float, hits: list[Hit],
+                 specialty: str | None, user: str) -> Iterator[AnswerEvent]:
+        """Yield and record an abstention; nothing is generated."""
+        yield AnswerEvent("token", text)
+        timings["total_s"] = round(time.perf_counter() - started, 4)
+        answer = self._answer(question, text, True, [], flags, dropped, choice, timings, hits, [], specialty)
         self._record(answer, user)
         yield AnswerEvent("answer", answer=answer)
 

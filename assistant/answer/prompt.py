@@ -67,8 +67,9 @@ def fit_prompt(question: str, hits: list[Hit], tokenizer: Any, max_context: int,
                system_prompt: str = SYSTEM_PROMPT, history: list[dict[str, str]] | None = None) -> Prompt:
     """Drop the lowest-ranked hits, then the oldest history turns, until prompt + `max_new_tokens` fits.
 
-    The system prompt and the question are never cut. If even the bare question does not fit, the
-    prompt is returned with no sources.
+    The best-ranked hit outlasts the history, because an answer needs a source more than it needs
+    earlier turns. The system prompt and the question are never cut. If even the bare question does
+    not fit, the prompt is returned with no sources, and the caller must not generate from it.
     """
     history = list(history or [])
     kept = list(hits)
@@ -78,7 +79,7 @@ def fit_prompt(question: str, hits: list[Hit], tokenizer: Any, max_context: int,
         tokens = count_prompt_tokens(tokenizer, messages)
         if tokens + max_new_tokens <= max_context or not (kept or history):
             break
-        if kept:
+        if len(kept) > 1 or not history:
             dropped.insert(0, kept.pop())
         else:
             # a user turn and its reply leave together, so the history stays well formed

@@ -43,9 +43,12 @@ def run_rebuild(args: argparse.Namespace) -> int:
     from assistant.answer.pipeline import embedder_info
     from assistant.chunking import Chunker
     from assistant.corpus import load_corpus
+    from assistant.fileio import ensure_writable_folder
     from assistant.indexing import IndexStore
 
     settings = settings_from_args(args, corpus=args.corpus)
+    # a read-only or missing index folder fails here, before minutes of loading and embedding
+    ensure_writable_folder(settings.index_dir, "--index")
     progress = not args.no_progress
     report = load_corpus(settings.corpus, progress=progress)
     for path, reason in report.problems:

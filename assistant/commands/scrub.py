@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,44 +19,20 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     scrub.set_defaults(func=run_scrub)
 
 
-def scrub_value(value: Any, scrub: Any) -> Any:
-    """Scrub every string inside a JSON value, keeping its structure and keys."""
-    if isinstance(value, str):
-        return scrub(value)
-    if isinstance(value, list):
-        return [scrub_value(v, scrub) for v in value]
-    if isinstance(value, dict):
-        return {k: scrub_value(v, scrub) for k, v in value.items()}
-    return value
-
-
 def scrub_file(path: Path, report: Any) -> str:
     from assistant.corpus.text import read_utf8
-    from assistant.safety.scrub import scrub_text
-
-    def scrub(text: str) -> str:
-        return scrub_text(text, report)
+    from assistant.safety.scrub import scrub_jsonl, scrub_text
 
     text = read_utf8(path)
-    if path.suffix.lower() != ".jsonl":
-        return scrub(text)
-    lines = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            lines.append(line)
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise BedsideError(f"{path}:{number} is not valid JSON ({err.msg}); fix the line and rerun") from err
-        lines.append(json.dumps(scrub_value(record, scrub), ensure_ascii=False))
-    return "\n".join(lines) + "\n"
+    if path.suffix.lower() == ".jsonl":
+        return scrub_jsonl(text, str(path), report)
+    return scrub_text(text, report)
 
 
 def run_scrub(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from assistant.fileio import atomic_write_json, atomic_write_text
+    from assistant.fileio import atomic_write_json, atomic_write_text, ensure_writable_folder
     from assistant.safety.scrub import ScrubReport
 
     jobs: list[tuple[Path, Path]] = []
@@ -73,6 +48,7 @@ def run_scrub(args: argparse.Namespace) -> int:
         raise BedsideError(f"no text files ({', '.join(sorted(TEXT_SUFFIXES))}) found in the inputs")
     if any(source.resolve() == target.resolve() for source, target in jobs):
         raise BedsideError("--out must differ from the input folder, so originals are never overwritten")
+    ensure_writable_folder(args.out, "--out")
 
     report = ScrubReport()
     failed = 0

@@ -41,6 +41,8 @@ def read_queries(path: Path) -> list[str]:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise BedsideError(f"{path}:{number} is not valid JSON ({err.msg})") from err
+            except RecursionError as err:
+                raise BedsideError(f"{path}:{number} is not valid JSON (nested too deeply)") from err
             if not isinstance(record, dict) or not isinstance(record.get("query"), str):
                 raise BedsideError(f"{path}:{number} has no string `query` field")
             query = record["query"]

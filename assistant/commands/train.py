@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from assistant.commands import SETTING_FLAGS
 from assistant.tuning.launch import add_launcher_arguments, relaunch_if_requested
+
+if TYPE_CHECKING:
+    from assistant.tuning.config import TrainConfig
 
 
 def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -58,17 +62,19 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     train.add_argument("--register", action=argparse.BooleanOptionalAction, default=None,
                        help="add the adapter to adapters/registry.json as a candidate (default: yes)")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    train.add_argument("--scrub", action="store_true",
+                       help="de-identify the training data first and train on the scrubbed copy")
+    train.add_argument("--scrub-out", metavar="FILE.jsonl",
+                       help="where --scrub writes the scrubbed copy (default: DATA.scrubbed.jsonl beside "
+                            "--data)")
     add_launcher_arguments(train)
     train.set_defaults(func=run_train)
 
 
-def run_train(args: argparse.Namespace) -> int:
-    from assistant.config import load_settings
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Resolve the training recipe: defaults, then the YAML file of --config, then flags."""
     from assistant.tuning.config import load_train_config
-    from assistant.tuning.data import load_examples
-    from assistant.tuning.recipes import train
 
-    # the training recipe: defaults, then YAML, then flags
     overrides = {
         "specialty": args.specialty, "data": args.data, "method": args.method, "base": args.base or args.model,
         "out": args.out, "name": args.name, "max_steps": args.max_steps, "epochs": args.epochs, "seed": args.seed,
@@ -78,13 +84,25 @@ def run_train(args: argparse.Namespace) -> int:
         "gradient_checkpointing": args.gradient_checkpointing, "register": args.register,
         "device": args.device, "dtype": args.dtype,
     }
-    config = load_train_config(Path(args.config) if args.config else None, overrides)
+    return load_train_config(Path(args.config) if args.config else None, overrides)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from assistant.config import load_settings
+    from assistant.tuning.data import load_examples
+    from assistant.tuning.recipes import train
+
+    config = train_config_from_args(args)
     settings = load_settings(None, {name: getattr(args, name, None) for name in SETTING_FLAGS})
 
     # several processes: the same command is started again under `accelerate launch`
     status = relaunch_if_requested(args)
     if status is not None:
         return status
+
+    if args.scrub:
+        scrub_out = Path(args.scrub_out) if args.scrub_out else None
+        config.data = str(scrub_training_data(Path(config.data), scrub_out))
 
     # report bad lines before the model loads; a file with no valid line raises here
     report = load_examples(Path(config.data))
@@ -104,3 +122,20 @@ def run_train(args: argparse.Namespace) -> int:
     elif result.method == "full":
         print(f"use it as a base with `bedside train --base {result.output} ...` or `--model {result.output}`")
     return 0
+
+
+def scrub_training_data(data: Path, target: Path | None) -> Path:
+    """Write a de-identified copy of the training data and print what kinds were replaced, how often.
+
+    The copy goes beside the data unless `target` is given. Training and its record then use the
+    copy, so the adapter's training record names the file it really learned from.
+    """
+    from assistant.safety.scrub import scrub_jsonl_file
+
+    target = target or data.with_name(f"{data.stem}.scrubbed.jsonl")
+    problems: list[tuple[int, str]] = []
+    report = scrub_jsonl_file(data, target, problems)
+    for number, reason in problems:
+        print(f"bedside: {data}:{number} skipped: {reason}", file=sys.stderr)
+    print(f"scrubbed {data} into {target}: {report.summary()}")
+    return target

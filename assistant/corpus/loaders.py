@@ -268,7 +268,8 @@ SPL_UNCLASSIFIED_CODE = "42229-5"
 def _parse_xml(path: Path) -> Element:
     try:
         return SafeET.fromstring(path.read_bytes())
-    except (ParseError, DefusedXmlException) as err:
+    # expat raises LookupError or ValueError for an unknown or unsupported declared encoding
+    except (ParseError, DefusedXmlException, LookupError, ValueError) as err:
         raise CorpusError(f"{str(path)!r} is not well-formed XML ({err}); fix or remove the file") from err
 
 
@@ -444,13 +445,19 @@ def _spl(root: Element, path: Path) -> Document:
 
 def iter_jsonl(path: Path) -> Iterable[tuple[int, dict | None, str | None]]:
     """Yield (line number, object or None, problem or None) for each non-blank line."""
-    for number, line in enumerate(read_utf8(path).splitlines(), 1):
+    # JSONL separates records by "\n" alone; str.splitlines() would also split inside a record at
+    # U+2028, U+2029 or \x85, which JSON strings may hold unescaped
+    for number, line in enumerate(read_utf8(path).split("\n"), 1):
         if not line.strip():
             continue
         try:
             value = json.loads(line)
         except json.JSONDecodeError as err:
             yield number, None, f"invalid JSON ({err.msg})"
+            continue
+        except RecursionError:
+            # the json module recurses once per nesting level and gives up near 1,000
+            yield number, None, "invalid JSON (nested too deeply)"
             continue
         if not isinstance(value, dict):
             yield number, None, "expected a JSON object"
@@ -541,11 +548,26 @@ def load_file(path: Path, problems: list[tuple[str, str]] | None = None) -> list
 
 
 def _corpus_files(paths: Iterable[Path]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """List the corpus files under `paths` once each, in order of first mention.
+
+    The same file reached twice (a folder given twice, or a folder and a file inside it, under any
+    spelling of the path) is loaded once, so ingesting a folder twice yields the same chunks as once.
+    """
     files, problems = [], []
+    seen: set[Path] = set()
+
+    def add(path: Path) -> None:
+        resolved = path.resolve()
+        if resolved in seen:
+            logger.debug("skipping %s: already listed", path)
+            return
+        seen.add(resolved)
+        files.append(path)
+
     for root in paths:
         root = Path(root)
         if root.is_file():
-            files.append(root)
+            add(root)
         elif root.is_dir():
             for path in sorted(root.rglob("*")):
                 hidden = any(part.startswith(".") for part in path.relative_to(root).parts)
@@ -554,7 +576,7 @@ def _corpus_files(paths: Iterable[Path]) -> tuple[list[Path], list[tuple[str, st
                 if _NOT_CORPUS.match(path.stem):
                     logger.debug("skipping %s: describes the folder, not a corpus document", path)
                 elif path.suffix.lower() in LOADERS:
-                    files.append(path)
+                    add(path)
                 else:
                     logger.debug("skipping %s: unsupported type", path)
         else:

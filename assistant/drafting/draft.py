@@ -67,6 +67,8 @@ def build_draft(
                         "tokens": n.tokens,
                         "kept_tokens": n.kept_tokens,
                         "truncated": n.truncated,
+                        "omitted_sections": n.omitted_sections,
+                        "restated_lines_dropped": n.restated_lines_dropped,
                     }
                     for n in fitted
                 ],

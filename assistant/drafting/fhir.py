@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from assistant.drafting.stay import RecordError, StayError
+from assistant.drafting.stay import RecordError, StayError, json_problem
 
 logger = logging.getLogger(__name__)
 
@@ -192,8 +192,8 @@ def _read_ndjson(file: Path, data: FhirInput) -> None:
                 continue
             try:
                 resource = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                reason = err.msg if isinstance(err, json.JSONDecodeError) else "not UTF-8"
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+                reason = json_problem(err)
                 error = RecordError(
                     reason=f"line {number} of {file.name} is not valid JSON ({reason}); "
                     "the line was skipped, so its resource is missing from the drafts",
@@ -213,8 +213,8 @@ def _read_ndjson(file: Path, data: FhirInput) -> None:
 def _read_json(file: Path, data: FhirInput) -> None:
     try:
         resource = json.loads(file.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        reason = err.msg if isinstance(err, json.JSONDecodeError) else "not UTF-8"
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        reason = json_problem(err)
         error = RecordError(
             reason=f"{file.name} is not valid JSON ({reason}); the file was skipped", file=str(file)
         )

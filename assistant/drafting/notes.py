@@ -32,6 +32,7 @@ from assistant.drafting.stay import (
     Stay,
     StayError,
     check_safe_id,
+    json_problem,
     parse_time,
 )
 
@@ -98,8 +99,8 @@ def read_notes(
 def _parse_line(raw: bytes, number: int, path: Path) -> Stay | RecordError:
     try:
         record = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        reason = err.msg if isinstance(err, json.JSONDecodeError) else "not UTF-8"
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        reason = json_problem(err)
         return RecordError(
             reason=f"line {number} of {path.name} is not valid JSON ({reason}); the line was skipped",
             file=str(path),

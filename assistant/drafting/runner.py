@@ -6,9 +6,11 @@ stopped. Records that fail are listed in DIR/errors.jsonl (rewritten atomically 
 the run goes on.
 
 Batches are formed from stays sorted by prompt length, so rows of one batch need little padding.
-A batched draft equals the same draft made alone (greedy decoding, fp32). Generation pads on the
-left with an attention mask, and the embeddings used for scoring are computed from one stay's texts
-at a time, so no number depends on which other stays share the batch. In bfloat16 batched rows can differ from
+The system turn that opens every prompt is prefilled once and shared by all rows
+(`SharedPrefixGenerator`). A batched draft equals the same draft made alone (greedy decoding, fp32).
+Generation pads between that prefix and the rest of each prompt, with an attention mask, and the
+embeddings used for scoring are computed from one stay's texts at a time, so no number depends on
+which other stays share the batch. In bfloat16 batched rows can differ from
 solo ones in the last bits, which may flip a greedy choice; the dtype and batch size are recorded
 in every draft for that reason.
 """
@@ -30,6 +32,7 @@ import numpy as np
 from assistant import __version__
 from assistant.answer.generation import GenerationSettings, LocalGenerator
 from assistant.answer.pipeline import MIN_SUPPORT
+from assistant.answer.prefix_cache import SharedPrefixGenerator
 from assistant.answer.prompt import context_limit, count_prompt_tokens
 from assistant.config import Settings
 from assistant.drafting.assembly import stays_from_fhir
@@ -43,13 +46,15 @@ from assistant.drafting.narrative import (
     evidence_units,
     fit_notes,
     fitting_flags,
+    listed_facts,
     score_sentences,
+    shared_prefix,
 )
 from assistant.drafting.notes import read_notes
 from assistant.drafting.recommend import recommend_many
 from assistant.drafting.stay import ReadResult, RecordError, Stay
 from assistant.errors import BedsideError
-from assistant.fileio import atomic_write_json, atomic_write_text, exclusive_lock
+from assistant.fileio import atomic_write_json, atomic_write_text, ensure_writable_folder, exclusive_lock
 from assistant.safety.injection import find_injections
 
 logger = logging.getLogger(__name__)
@@ -268,6 +273,18 @@ def choose_adapters(stays: list[Stay], specialty: str | None, router: Any) -> li
     return choices
 
 
+def check_registered_specialty(specialty: str, adapters_dir: Path) -> None:
+    """Raise unless some registered adapter serves `specialty`, so a typo never drafts silently on the base."""
+    from assistant.tuning.registry import AdapterRegistry
+
+    known = sorted({entry.get("specialty") for entry in AdapterRegistry(adapters_dir).entries()} - {None})
+    if specialty not in known:
+        raise BedsideError(
+            f"--specialty {specialty!r} has no adapter in {str(adapters_dir)!r}; use one of "
+            f"{', '.join(known) or '(none registered)'}, auto, or omit --specialty"
+        )
+
+
 def _routing_text(stay: Stay) -> str:
     return "; ".join(f.text for f in [*stay.reasons, *stay.diagnoses][:12]) or "hospital stay"
 
@@ -282,12 +299,21 @@ class _Embeddings:
     single stay: its vectors then never depend on which other stays share the generation batch.
     """
 
+    # sentence-transformers sorts texts by length and pads each batch to its longest text. A stay's
+    # texts run from 8-token facts to 120-token note passages, so one batch of all of them computed
+    # mostly padding: batches of 8 embedded a Synthea stay's evidence about 3 times faster than 64.
+    batch_size = 8
+
     def __init__(self, embedder: Any) -> None:
         self.embedder = embedder
 
     def __call__(self, texts: list[str]) -> np.ndarray:
         return self.embedder.encode(
-            texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+            texts,
+            batch_size=self.batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
         ).astype(np.float32)
 
 
@@ -312,6 +338,8 @@ def run_drafts(
             f"({Path(settings.adapters_dir) / 'registry.json'}) and none was found; train and promote "
             "an adapter, or omit --specialty"
         )
+    if options.specialty not in {None, "auto"}:
+        check_registered_specialty(options.specialty, Path(settings.adapters_dir))
     started = time.perf_counter()
     out_dir = Path(out_dir)
     if Path(input_path).resolve() == out_dir.resolve():
@@ -319,7 +347,7 @@ def run_drafts(
         raise BedsideError(
             f"--out {str(out_dir)!r} is the input folder; choose another folder for the drafts"
         )
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ensure_writable_folder(out_dir, "--out")
     with exclusive_lock(out_dir / ".bedside-draft.lock"):
         summary = RunSummary(out_dir=str(out_dir))
         # temp files of atomic writes interrupted by a kill; the lock means no other run owns them
@@ -372,6 +400,8 @@ def _draft_jobs(
     generator = resources.generator
     tokenizer = generator.tokenizer
     generation = GenerationSettings(max_new_tokens=settings.max_new_tokens)
+    # every prompt opens with the same system turn: prefill it once instead of once per stay
+    batcher = SharedPrefixGenerator(generator, shared_prefix())
     embed = _Embeddings(resources.embedder)
     limit = context_limit(generator.model, tokenizer)
 
@@ -379,7 +409,7 @@ def _draft_jobs(
     for job in jobs:
         bare = count_prompt_tokens(tokenizer, build_messages(job.stay, []))
         job.note_budget = max(0, min(options.note_tokens, limit - generation.max_new_tokens - bare - 16))
-        job.fitted = fit_notes(job.stay.notes, tokenizer, job.note_budget)
+        job.fitted = fit_notes(job.stay.notes, tokenizer, job.note_budget, listed_facts(job.stay))
         job.messages = build_messages(job.stay, job.fitted)
         job.prompt_tokens = count_prompt_tokens(tokenizer, job.messages)
     for job, adapter in zip(
@@ -402,7 +432,7 @@ def _draft_jobs(
         for number, batch in enumerate(batches, 1):
             batch_started = time.perf_counter()
             try:
-                outputs = generator.generate_batch(
+                outputs = batcher.generate_batch(
                     [j.messages for j in batch], [j.adapter["name"] for j in batch], generation
                 )
             except (BedsideError, RuntimeError, ValueError) as err:
@@ -495,8 +525,8 @@ def _finish(
                 {
                     "type": "injection",
                     "source": note.source,
-                    "detail": f"the note contains text aimed at the model ({injection['kind']}); it was "
-                    "treated as data",
+                    "detail": f"the note contains text aimed at the model ({injection['kind']}); that "
+                    "sentence was removed from the prompt",
                 }
             )
     flags += narrative.flags + recommendations.flags

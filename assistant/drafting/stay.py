@@ -60,6 +60,16 @@ def parse_time(value: str, *, end: bool = False, label: str = "date") -> dt.date
     return dt.datetime.combine(day, clock, tzinfo=dt.timezone.utc)
 
 
+def json_problem(err: Exception) -> str:
+    """Describe why a line or file could not be parsed as JSON, for a RecordError reason."""
+    if isinstance(err, UnicodeDecodeError):
+        return "not UTF-8"
+    if isinstance(err, RecursionError):
+        # the json module recurses once per nesting level and gives up near 1,000
+        return "nested too deeply"
+    return getattr(err, "msg", str(err))
+
+
 def strip_semantic_tag(text: str) -> str:
     return SEMANTIC_TAG.sub("", text)
 

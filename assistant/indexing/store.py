@@ -38,9 +38,15 @@ import numpy as np
 from assistant import __version__
 from assistant.chunking import Chunk, Chunker, chunk_int_id
 from assistant.corpus.document import Document
-from assistant.errors import IndexStoreError
-from assistant.fileio import atomic_write_json, atomic_write_text, exclusive_lock, fsync_dir
-from assistant.indexing.backends import build_faiss, choose_index_type, place_index
+from assistant.errors import BedsideError, IndexStoreError
+from assistant.fileio import (
+    atomic_write_json,
+    atomic_write_text,
+    exclusive_lock,
+    fsync_dir,
+    write_failure_kind,
+)
+from assistant.indexing.backends import FLAT_MAX_CHUNKS, build_faiss, choose_index_type, place_index
 from assistant.indexing.lexical import bm25_tokenize, load_bm25, save_bm25
 
 logger = logging.getLogger(__name__)
@@ -191,11 +197,28 @@ class IndexStore:
         return name or None
 
     def read_manifest(self, version: str | None = None) -> dict[str, Any]:
-        version = version or self.current_version()
-        if version is None:
+        """Return the manifest of `version`, or of the version `open` would serve when it is None.
+
+        Without a version, an unreadable manifest of CURRENT falls back to the previous version's, as
+        `open` does, so commands that read the manifest first agree with what is served.
+        """
+        if version is not None:
+            return self._read_manifest_file(version)
+        current = self.current_version()
+        if current is None:
             raise IndexStoreError(
                 f"no index found in {str(self.root)!r}; build one with `bedside index rebuild --index {self.root}`"
             )
+        try:
+            return self._read_manifest_file(current)
+        except IndexStoreError as err:
+            previous = self._previous_of(current)
+            if previous is None:
+                raise
+            logger.error("%s; using the previous version %s instead", err, previous)
+            return self._read_manifest_file(previous)
+
+    def _read_manifest_file(self, version: str) -> dict[str, Any]:
         path = self.versions_dir / version / "manifest.json"
         try:
             return json.loads(path.read_text(encoding="utf-8"))
@@ -290,50 +313,57 @@ class IndexStore:
             self._remove_stale_builds()
             # the build folder exists from the start, so a crash at any step leaves it behind as stale
             version, building = self._new_build_folder()
-            previous = self._reusable_previous(embedder_info, chunker, full)
-            old_docs: dict[str, Any] = previous.manifest["documents"] if previous else {}
-            summary = BuildSummary(version="", documents=len(documents), chunks=0, problems=list(problems or []))
+            try:
+                previous = self._reusable_previous(embedder_info, chunker, full)
+                old_docs: dict[str, Any] = previous.manifest["documents"] if previous else {}
+                summary = BuildSummary(version="", documents=len(documents), chunks=0,
+                                       problems=list(problems or []))
 
-            # decide per document: reuse its chunks and vectors, or chunk and embed it again
-            reuse_docs, fresh_docs = [], []
-            for document in documents:
-                old = old_docs.get(document.doc_id)
-                if old and old["content_hash"] == document.content_hash:
-                    reuse_docs.append(document)
-                    summary.unchanged += 1
-                else:
-                    fresh_docs.append(document)
-                    summary.changed += 1 if old else 0
-                    summary.added += 0 if old else 1
-            current_ids = {d.doc_id for d in documents}
-            summary.removed = sum(1 for doc_id in old_docs if doc_id not in current_ids)
+                # decide per document: reuse its chunks and vectors, or chunk and embed it again
+                reuse_docs, fresh_docs = [], []
+                for document in documents:
+                    old = old_docs.get(document.doc_id)
+                    if old and old["content_hash"] == document.content_hash:
+                        reuse_docs.append(document)
+                        summary.unchanged += 1
+                    else:
+                        fresh_docs.append(document)
+                        summary.changed += 1 if old else 0
+                        summary.added += 0 if old else 1
+                current_ids = {d.doc_id for d in documents}
+                summary.removed = sum(1 for doc_id in old_docs if doc_id not in current_ids)
 
-            chunks: list[Chunk] = []
-            vectors: list[np.ndarray] = []
-            if reuse_docs:
-                reused = previous.chunks_of_documents([d.doc_id for d in reuse_docs])
-                chunks += reused
-                vectors.append(previous.vectors_of([c.int_id for c in reused]))
-            from tqdm.auto import tqdm
+                chunks: list[Chunk] = []
+                vectors: list[np.ndarray] = []
+                if reuse_docs:
+                    reused = previous.chunks_of_documents([d.doc_id for d in reuse_docs])
+                    chunks += reused
+                    vectors.append(previous.vectors_of([c.int_id for c in reused]))
+                from tqdm.auto import tqdm
 
-            truncated_before = chunker.report.truncated
-            fresh_chunks = [c for d in tqdm(fresh_docs, desc="chunking", unit="doc", disable=not progress)
-                            for c in chunker.chunk_document(d)]
-            if fresh_chunks:
-                vectors.append(embed_texts(embedder, [c.embedding_text for c in fresh_chunks], progress))
-            chunks += fresh_chunks
-            summary.embedded_chunks = len(fresh_chunks)
-            # the chunker may be reused across rebuilds, so count only this build's truncations
-            summary.truncated_chunks = chunker.report.truncated - truncated_before
-            if previous:
-                previous.close()
+                truncated_before = chunker.report.truncated
+                fresh_chunks = [c for d in tqdm(fresh_docs, desc="chunking", unit="doc", disable=not progress)
+                                for c in chunker.chunk_document(d)]
+                if fresh_chunks:
+                    vectors.append(embed_texts(embedder, [c.embedding_text for c in fresh_chunks], progress))
+                chunks += fresh_chunks
+                summary.embedded_chunks = len(fresh_chunks)
+                # the chunker may be reused across rebuilds, so count only this build's truncations
+                summary.truncated_chunks = chunker.report.truncated - truncated_before
+                if previous:
+                    previous.close()
 
-            matrix = np.concatenate(vectors) if vectors else np.zeros((0, embedder_info.dimension), np.float32)
-            doc_meta = {d.doc_id: {"content_hash": d.content_hash, "title": d.title, "source": d.source,
-                                   "date": d.date, "version": d.version, "specialty": d.specialty}
-                        for d in documents}
-            summary.version = self._write_version(version, building, chunks, matrix, doc_meta, embedder_info,
-                                                  chunker, settings, index_type, summary)
+                matrix = np.concatenate(vectors) if vectors else np.zeros((0, embedder_info.dimension),
+                                                                          np.float32)
+                doc_meta = {d.doc_id: {"content_hash": d.content_hash, "title": d.title, "source": d.source,
+                                       "date": d.date, "version": d.version, "specialty": d.specialty}
+                            for d in documents}
+                summary.version = self._write_version(version, building, chunks, matrix, doc_meta,
+                                                      embedder_info, chunker, settings, index_type, summary)
+            except BaseException:
+                # a failed build (full disk, interrupt) leaves no half-written folder behind
+                shutil.rmtree(building, ignore_errors=True)
+                raise
         summary.chunks = len(chunks)
         summary.seconds = time.perf_counter() - start
         logger.info(summary.line())
@@ -360,11 +390,15 @@ class IndexStore:
                                    unchanged=len(keep))
             self._remove_stale_builds()
             version, building = self._new_build_folder()
-            summary.version = self._write_version(
-                version, building, chunks, matrix, doc_meta, EmbedderInfo(**manifest["embedder"]), None,
-                manifest["settings"],
-                manifest.get("index_type_setting", "auto"), summary, chunking=manifest["chunking"],
-            )
+            try:
+                summary.version = self._write_version(
+                    version, building, chunks, matrix, doc_meta, EmbedderInfo(**manifest["embedder"]), None,
+                    manifest["settings"],
+                    manifest.get("index_type_setting", "auto"), summary, chunking=manifest["chunking"],
+                )
+            except BaseException:
+                shutil.rmtree(building, ignore_errors=True)
+                raise
         summary.seconds = time.perf_counter() - start
         logger.info(summary.line())
         return summary
@@ -401,9 +435,11 @@ class IndexStore:
         """Name a new version and create its hidden build folder beside the serving versions."""
         # UTC time to the microsecond, so version names sort in build order
         version = dt.datetime.now(dt.timezone.utc).strftime("v%Y%m%dT%H%M%S%f") + "-" + secrets.token_hex(2)
-        self.versions_dir.mkdir(parents=True, exist_ok=True)
         building = self.versions_dir / f".building-{version}"
-        building.mkdir()
+        try:
+            building.mkdir(parents=True)
+        except OSError as err:
+            raise self._write_failed(version, err) from err
         return version, building
 
     def _write_version(self, version: str, building: Path, chunks: list[Chunk], vectors: np.ndarray,
@@ -417,12 +453,17 @@ class IndexStore:
         if len(set(ids.tolist())) != len(ids):
             raise IndexStoreError("two chunks share an id; the corpus holds duplicate documents under one id")
         index_type = choose_index_type(len(chunks), index_type_setting)
-        np.save(building / "vectors.npy", vectors.astype(np.float32), allow_pickle=False)
-        np.save(building / "ids.npy", ids, allow_pickle=False)
-        faiss.write_index(build_faiss(vectors, ids, index_type), str(building / "dense.faiss"))
-        _write_chunks_db(building / "chunks.sqlite", chunks)
-        if chunks:
-            save_bm25(building / "bm25", bm25_tokenize([c.embedding_text for c in chunks]))
+        dense = build_faiss(vectors, ids, index_type)
+        try:
+            np.save(building / "vectors.npy", vectors.astype(np.float32), allow_pickle=False)
+            np.save(building / "ids.npy", ids, allow_pickle=False)
+            # FAISS reports a failed write as RuntimeError, SQLite as sqlite3.Error
+            faiss.write_index(dense, str(building / "dense.faiss"))
+            _write_chunks_db(building / "chunks.sqlite", chunks)
+            if chunks:
+                save_bm25(building / "bm25", bm25_tokenize([c.embedding_text for c in chunks]))
+        except (OSError, RuntimeError, sqlite3.Error) as err:
+            raise self._write_failed(version, err) from err
 
         previous_version = self._healthy_version()
         manifest = {
@@ -438,6 +479,8 @@ class IndexStore:
             "chunking": chunking if chunking is not None else _chunking_settings(chunker),
             "index_type": index_type,
             "index_type_setting": index_type_setting,
+            # the size rule behind an "auto" choice: flat up to this many chunks, HNSW above
+            "flat_max_chunks": FLAT_MAX_CHUNKS,
             "hnsw_ef_search": 128,
             "bm25": {"library": "bm25s", "stemmer": "english (PyStemmer)", "stopwords": "english"},
             "settings": settings,
@@ -445,16 +488,37 @@ class IndexStore:
             "skipped_files": [{"path": p, "reason": r} for p, r in summary.problems],
             "files": {str(p.relative_to(building)): _sha256(p) for p in _artifact_files(building)},
         }
-        atomic_write_json(building / "manifest.json", manifest)
+        try:
+            atomic_write_json(building / "manifest.json", manifest)
+        except BedsideError as err:
+            raise self._write_failed(version, err) from err
         fsync_dir(building)
 
         # switch: rename the finished folder into place, then point CURRENT at it
         final = self.versions_dir / version
-        os.replace(building, final)
-        fsync_dir(self.versions_dir)
-        atomic_write_text(self.root / "CURRENT", version + "\n")
+        try:
+            os.replace(building, final)
+            fsync_dir(self.versions_dir)
+            atomic_write_text(self.root / "CURRENT", version + "\n")
+        except (OSError, BedsideError) as err:
+            # CURRENT still names the old version, so the new folder would only take up space
+            shutil.rmtree(final, ignore_errors=True)
+            raise self._write_failed(version, err) from err
         self._prune(keep={version, previous_version})
         return version
+
+    def _write_failed(self, version: str, err: BaseException) -> IndexStoreError:
+        """Describe a failed write of a new version; the version CURRENT names keeps serving."""
+        serving = self.current_version()
+        kept = f"version {serving} still serves" if serving else "no version was serving before"
+        kind = write_failure_kind(self.versions_dir, err)
+        reason = {"no_space": "No space left on device"}.get(kind) or getattr(err, "strerror", None) or str(err)
+        fix = {"no_space": "free disk space", "read_only": "choose a writable folder with --index"}.get(
+            kind, "check free disk space and permissions")
+        return IndexStoreError(
+            f"writing index version {version} in {str(self.root)!r} failed ({reason}); {kept} and the "
+            f"unfinished version was removed: {fix}, then rerun"
+        )
 
     def _healthy_version(self) -> str | None:
         """The version `open` serves now: CURRENT when it verifies, else its fallback, else None.

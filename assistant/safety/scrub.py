@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -123,6 +125,81 @@ def _offline_tldextract() -> None:
 
 def scrub_text(text: str, report: ScrubReport | None = None) -> str:
     return Scrubber.get().scrub(text, report)
+
+
+def scrub_value(value: Any, scrub: Callable[[str], str]) -> Any:
+    """Scrub every string inside a JSON value, keeping its structure and keys."""
+    if isinstance(value, str):
+        return scrub(value)
+    if isinstance(value, list):
+        return [scrub_value(v, scrub) for v in value]
+    if isinstance(value, dict):
+        return {k: scrub_value(v, scrub) for k, v in value.items()}
+    return value
+
+
+def scrub_jsonl(text: str, source: str, report: ScrubReport,
+                problems: list[tuple[int, str]] | None = None) -> str:
+    """Scrub every string value of each JSON line of `text`; blank lines stay, keys and structure too.
+
+    A line that is not valid JSON is never copied, because it could not be scrubbed. Without
+    `problems` it raises BedsideError naming `source` and the line. With `problems` it becomes a
+    blank line, so later lines keep their numbers, and (line, reason) is appended there.
+    """
+    import json
+
+    from assistant.errors import BedsideError
+
+    def scrub(value: str) -> str:
+        return scrub_text(value, report)
+
+    lines = []
+    # records end at "\n" only; str.splitlines() would cut a record at U+2028 inside a string
+    for number, line in enumerate(text.removesuffix("\n").split("\n"), 1):
+        line = line.removesuffix("\r")
+        if not line.strip():
+            lines.append(line)
+            continue
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as err:
+            reason = err.msg if isinstance(err, json.JSONDecodeError) else "nested too deeply"
+            if problems is None:
+                raise BedsideError(
+                    f"{source}:{number} is not valid JSON ({reason}); fix the line and rerun"
+                ) from err
+            problems.append((number, f"invalid JSON ({reason}); left out of the scrubbed copy"))
+            lines.append("")
+            continue
+        lines.append(json.dumps(scrub_value(record, scrub), ensure_ascii=False))
+    return "\n".join(lines) + "\n"
+
+
+def scrub_jsonl_file(source: Path, target: Path,
+                     problems: list[tuple[int, str]] | None = None) -> ScrubReport:
+    """Write a scrubbed copy of the JSONL file `source` to `target` atomically; return what was replaced."""
+    from assistant.corpus.text import read_utf8
+    from assistant.errors import BedsideError
+    from assistant.fileio import atomic_write_text
+
+    source, target = Path(source), Path(target)
+    if not source.is_file():
+        raise BedsideError(f"{str(source)!r} not found; pass an existing JSONL file")
+    if target.resolve() == source.resolve():
+        raise BedsideError(f"the scrubbed copy would overwrite {str(source)!r}; write it to another file")
+    try:
+        # invalid UTF-8 raises CorpusError, which names the byte and the fix
+        text = read_utf8(source)
+    except OSError as err:
+        raise BedsideError(
+            f"{str(source)!r} cannot be read ({err.strerror or err}); check its permissions"
+        ) from err
+    report = ScrubReport()
+    cleaned = scrub_jsonl(text, str(source), report, problems)
+    report.names_detected = Scrubber.get().ner_model is not None
+    report.ner_model = Scrubber.get().ner_model
+    atomic_write_text(target, cleaned)
+    return report
 
 
 def scrub_documents(documents: list[Any]) -> tuple[list[Any], ScrubReport]:

@@ -120,13 +120,19 @@ def load_examples(path: Path) -> DataReport:
                            "re-save it as UTF-8") from err
 
     report = DataReport(path=path, sha256=hashlib.sha256(raw).hexdigest())
-    for number, line in enumerate(text.splitlines(), 1):
+    # JSONL separates records by "\n" alone. str.splitlines() would also split at U+2028, U+2029, \x85
+    # and other separators that JSON strings may hold unescaped, cutting a valid record in two.
+    for number, line in enumerate(text.split("\n"), 1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
             report.problems.append((number, f"invalid JSON ({err.msg} at column {err.colno})"))
+            continue
+        except RecursionError:
+            report.problems.append((number, "invalid JSON (nested too deeply)"))
             continue
         try:
             report.examples.append(Example(record_to_messages(record), number))

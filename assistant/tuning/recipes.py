@@ -68,6 +68,7 @@ class TrainResult:
 
 def train(config: TrainConfig, settings: Settings, progress: bool = False) -> TrainResult:
     """Train one adapter (lora, qlora) or one full model (full) as set by `config`; see the module docstring."""
+    import torch
     from transformers import AutoTokenizer, PrinterCallback, Trainer, TrainingArguments, set_seed
 
     # settings and data: every check that needs no model runs first
@@ -158,6 +159,9 @@ def train(config: TrainConfig, settings: Settings, progress: bool = False) -> Tr
         "seconds_per_step": round(train_seconds / max(trainer.state.global_step, 1), 4),
         # the first step also pays for allocating optimizer state, so it is left out when there are more
         "median_step_seconds": round(statistics.median(timer.durations[1:] or timer.durations or [0.0]), 4),
+        # CPU time of this process: on a shared machine it varies far less than wall time with other load
+        "median_step_cpu_seconds": round(statistics.median(timer.cpu_durations[1:] or timer.cpu_durations
+                                                           or [0.0]), 4),
         "trainable_parameters": trainable,
         "total_parameters": total,
         "peak_rss_mb": peak_rss_mb(),
@@ -181,6 +185,8 @@ def train(config: TrainConfig, settings: Settings, progress: bool = False) -> Tr
         "config": config.to_dict(),
         "seed": config.seed,
         "device": device,
+        # CPU kernels split sums across threads, so another thread count can change the weights' last bits
+        "torch_threads": torch.get_num_threads(),
         # a GGUF base is identified by file name and hash; its folder is this machine's package path
         "base": {"name": spec.display_name, "path": None if spec.gguf_file else spec.path,
                  "gguf_file": spec.gguf_file, "fingerprint": base_fingerprint},
@@ -368,19 +374,23 @@ def check_no_pickled_files(folder: Path) -> None:
 # records
 
 def step_timer(log_losses: bool) -> Any:
-    """Return a Trainer callback that records each optimizer step's wall time and can log the loss."""
+    """Return a Trainer callback that records each optimizer step's wall and CPU time and can log the loss."""
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:
             self.durations: list[float] = []
+            self.cpu_durations: list[float] = []
             self._started = 0.0
+            self._cpu_started = 0.0
 
         def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self._started = time.perf_counter()
+            self._cpu_started = time.process_time()
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self.durations.append(time.perf_counter() - self._started)
+            self.cpu_durations.append(time.process_time() - self._cpu_started)
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
                    **kwargs: Any) -> None:

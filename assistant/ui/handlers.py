@@ -280,10 +280,16 @@ def render_flags(answer: Any) -> str:
     if unsupported:
         items.append(("warn", f"{len(unsupported)} sentence(s) have no supporting source (highlighted); "
                               "verify them before use."))
+    injected_sources: set[Any] = set()
     for flag in answer.flags:
         kind = flag.get("type")
         if kind in SHOWN_ELSEWHERE:
             continue
+        if kind == "injection":
+            # one source may match several patterns; the clinician needs one warning per source
+            if flag.get("marker") in injected_sources:
+                continue
+            injected_sources.add(flag.get("marker"))
         if kind == "number_not_in_source":
             shown = ", ".join(f"{value:g}" for value in flag.get("numbers", []))
             items.append(("warn", f"The figure(s) {shown} appear in no cited source; check every figure "
@@ -293,7 +299,7 @@ def render_flags(answer: Any) -> str:
                                   "model."))
         elif kind == "injection":
             items.append(("warn", f"Source [{flag.get('marker')}] contains an instruction aimed at the "
-                                  "model; it was treated as data."))
+                                  "model; it was removed from the prompt and the source used as data only."))
         elif kind == "dropped_chunk":
             items.append(("info", "A lower-ranked source was left out to fit the model's context."))
         else:
@@ -369,8 +375,9 @@ def render_turn_sources(answer: Any, turn: int) -> str:
     """Return one panel section listing each citation of the answer, in marker order."""
     heading = f'<h3>Sources for answer {turn}</h3><p class="turn-question">{escape(answer.question)}</p>'
     if answer.abstained:
-        return heading + '<p class="no-sources">No sources: bedside abstained because no indexed guideline ' \
-                         "matched the question.</p>"
+        reason = next((f.get("detail", "") for f in answer.flags if f.get("type") == "abstained"), "")
+        shown = escape(reason or "no reason given")
+        return heading + f'<p class="no-sources">No sources: bedside abstained ({shown}).</p>'
     if not answer.citations:
         return heading + '<p class="no-sources">No citations: no sentence of this answer rests on a ' \
                          "retrieved source. Treat the whole answer as unverified.</p>"
