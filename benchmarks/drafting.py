@@ -22,6 +22,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_INPUT = SHARED_DATA / "synthea_fhir"
 RESULTS = REPO / ".cache" / "benchmarks" / "drafting" / "results.json"
 TARGET_SPEEDUP = 4.0
-# full and quick runs; quick fits in about 6 minutes on an idle 2-core machine (one batch of 16)
+# full and quick runs; quick is one batch of 16 and one-at-a-time runs of the same 16 stays
 FULL = {"stays": 32, "batch_sizes": [8, 16], "max_new_tokens": 200}
 QUICK = {"stays": 16, "batch_sizes": [16], "max_new_tokens": 200}
 
@@ -60,7 +61,9 @@ def measure(input_path: Path, stays: int, batch_sizes: list[int], max_new_tokens
         for batch_size in [1, *batch_sizes]:
             out = Path(scratch) / f"batch-{batch_size}"
             options = DraftOptions(limit=stays, batch_size=batch_size, force=True, note_tokens=note_tokens)
+            cpu_started = time.process_time()
             summary = run_drafts(input_path, out, options, settings, resources)
+            cpu_seconds = time.process_time() - cpu_started
             if summary.failed:
                 logger.warning("%d stays failed at batch size %d: %s", summary.failed, batch_size,
                                [e["reason"] for e in summary.errors][:3])
@@ -75,6 +78,9 @@ def measure(input_path: Path, stays: int, batch_sizes: list[int], max_new_tokens
                 "generated_tokens": summary.generated_tokens,
                 "drafts_per_minute": round(summary.drafts_per_minute, 3),
                 "generated_tokens_per_second": round(summary.tokens_per_second, 3),
+                # CPU time of this process: on a shared machine it counts other jobs' load less than wall time
+                "cpu_seconds": round(cpu_seconds, 1),
+                "drafts_per_cpu_minute": round(60 * summary.drafted / cpu_seconds, 3) if cpu_seconds else 0.0,
             }
             logger.info("batch size %d: %s", batch_size, runs[str(batch_size)])
 
@@ -114,7 +120,7 @@ def _prefix_tokens(generator: Any) -> int:
 
 
 def report(figures: dict[str, Any]) -> str:
-    """The "Discharge drafting" section of docs/benchmarks.md."""
+    """Build the "Discharge drafting" section of docs/benchmarks.md from the measured figures."""
     runs = figures["runs"]
     solo = runs["1"]
     threads = f"{figures['threads']} thread" + ("s" if figures["threads"] != 1 else "")
@@ -136,21 +142,25 @@ def report(figures: dict[str, Any]) -> str:
         f"{figures['prefix_tokens']} (the system turn) are prefilled once per run and shared. Drafts per "
         "minute cover the whole draft: prompt fitting, generation, per-sentence support scores, guideline "
         "retrieval and writing. Generated tokens per second count the output text re-tokenized, over the "
-        "time spent generating.",
+        "time spent generating. Both are wall-clock rates. The CPU-minute column divides by this process's "
+        "CPU time instead, which other jobs on a shared machine inflate less, so a large gap between the "
+        "two ratios means the load changed between the runs.",
         "",
         "| run | drafts | failed | s | drafts/min | generated tok/s | × drafts/min | × tok/s "
-        "| same as solo |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| × drafts per CPU-minute | same as solo |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, row in runs.items():
         label = "one at a time" if key == "1" else f"batch {row['batch_size']}"
         speed = row["drafts_per_minute"] / solo["drafts_per_minute"] if solo["drafts_per_minute"] else 0.0
         tokens = (row["generated_tokens_per_second"] / solo["generated_tokens_per_second"]
                   if solo["generated_tokens_per_second"] else 0.0)
+        cpu = (row["drafts_per_cpu_minute"] / solo["drafts_per_cpu_minute"]
+               if solo.get("drafts_per_cpu_minute") else 0.0)
         same = "—" if key == "1" else f"{row['identical']} of {row['drafted']}"
         lines.append(f"| {label} | {row['drafted']} | {row['failed']} | {row['seconds']:.0f} | "
                      f"{row['drafts_per_minute']:.2f} | {row['generated_tokens_per_second']:.1f} | "
-                     f"{speed:.2f}× | {tokens:.2f}× | {same} |")
+                     f"{speed:.2f}× | {tokens:.2f}× | {cpu:.2f}× | {same} |")
 
     best = max((r for k, r in runs.items() if k != "1"), key=lambda r: r["drafts_per_minute"])
     speedups = (best["drafts_per_minute"] / solo["drafts_per_minute"],
@@ -165,9 +175,9 @@ def report(figures: dict[str, Any]) -> str:
 
 EXPLANATION = """\
 What bounds the speedup: the prompt's prefill is compute-bound and costs about the same per token in a
-batch as alone, while a decode step is bound by reading the weights and per-step overhead, so a
-batch of 16 rows costs far less than 16 steps. The ratio is therefore set by the share of prefill in
-a draft. Three changes keep that share small. The prompt holds only what the hospital course needs:
+batch as alone. A decode step is bound by reading the weights and by per-step overhead, so a step
+for 16 rows costs far less than 16 steps. The ratio is therefore set by the share of prefill in a
+draft. Three changes keep that share small. The prompt holds only what the hospital course needs:
 the structured sections of the draft (allergies, conditions only ongoing during the stay) are filled
 from the record without the model, so they stay out of the prompt, and so do the note sections that
 repeat structured facts or that a hospital course does not use (medications, allergies, social
@@ -191,8 +201,8 @@ bits, and greedy decoding follows the first token that flips. Each draft's JSON 
 def run(quick: bool) -> None:
     """Measure and write the "drafting" section of docs/benchmarks.md (the entry point of benchmarks/run.py).
 
-    Quick drafts 16 stays in one batch of 16 and one at a time (about 6 minutes on an idle 2-core
-    machine); full drafts 32 stays at batch sizes 8 and 16.
+    Quick mode drafts 16 stays in one batch of 16 and one at a time, an estimated 6 minutes on an
+    idle 2-core machine. Full mode drafts 32 stays at batch sizes 8 and 16.
     """
     from benchmarks.common import record_figure
 

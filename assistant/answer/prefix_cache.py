@@ -12,7 +12,7 @@ Two costs dominate batched generation on a CPU, and this module removes the part
   writes into a buffer sized for prompt + max_new_tokens and returns views of it instead.
 
 Rows are laid out as [prefix][padding][rest of the prompt], with the attention mask zero on the
-padding. generate derives position ids from the mask's cumulative sum, so every row sees the same
+padding. generate derives position ids from the mask's cumulative sum, so every row gets the same
 positions as when it runs alone, and a row generated in a batch equals the same row generated
 alone (fp32, greedy; tested in tests/test_prefix_cache.py).
 """
@@ -36,7 +36,7 @@ def _preallocated_layer_class() -> type:
     class PreallocatedLayer(DynamicLayer):
         """A KV cache layer that writes into a buffer of fixed capacity instead of concatenating.
 
-        `keys` and `values` are views of the filled part, so attention sees the same shapes and
+        `keys` and `values` are views of the filled part, so attention receives the same shapes and
         values as with `DynamicLayer`.
         """
 

@@ -104,7 +104,17 @@ def _markdown_sections(body: str) -> tuple[str | None, list[Section]]:
     return h1, sections
 
 
+# front matter fields a document reads; each must be a single value
+_META_FIELDS = ("id", "title", "source", "url", "date", "specialty", "issuer", "version")
+
+
 def _document_from_meta(meta: dict, path: Path, default_title: str, sections: list[Section]) -> Document:
+    for name in _META_FIELDS:
+        # A list or mapping is no single value, and YAML aliases can nest one into billions of items
+        # that str() would try to expand.
+        if isinstance(meta.get(name), (list, dict)):
+            raise CorpusError(f"front matter field {name!r} of {str(path)!r} is a list or mapping; "
+                              "give it a single value")
     doc_id = str(meta.get("id") or slug(path.stem))
     return Document(
         doc_id=doc_id,

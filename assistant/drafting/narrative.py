@@ -8,9 +8,9 @@ on a CPU it is the largest part of a batched draft.
 
 Notes are fitted deterministically. Sections that repeat structured facts or that a hospital course
 does not use (OMITTED_NOTE_SECTIONS, by heading) are left out, and so are lines that only restate a
-fact the prompt lists and SNOMED CT semantic tags; repeated lines are collapsed to one with a count;
-then, if the notes still exceed the budget, each note keeps a share of it proportional to its
-length, cut at a line or sentence end. Each fitted note records what was left out, and truncation is
+fact the prompt lists and SNOMED CT semantic tags. Repeated lines are collapsed to one with a count.
+If the notes still exceed the budget, each note keeps a share of it proportional to its length, cut
+at a line or sentence end. Each fitted note records what was left out, and truncation is
 reported in the draft's flags.
 
 Provenance: each generated sentence is compared with passages of the stay's notes and with each
@@ -155,8 +155,10 @@ def _fact_key(text: str) -> str:
 
 
 def drop_restated_facts(text: str, facts: list[Fact]) -> tuple[str, int]:
-    """Remove the lines of `text` that only restate one of `facts` (a list item naming a drug or a
-    procedure the prompt already lists), and SNOMED CT semantic tags; return the text and lines removed.
+    """Remove SNOMED CT semantic tags and the lines of `text` that only restate one of `facts`.
+
+    A restating line is a list item naming a drug or a procedure that the prompt already lists.
+    Returns the text and the number of lines removed.
     """
     keys = {_fact_key(f.text) for f in facts}
     lines = _INLINE_TAG.sub("", text).splitlines()
@@ -255,9 +257,9 @@ def _fact_lines(label: str, facts: list[Fact], limit: int = MAX_PROMPT_FACTS) ->
 
 
 def prompt_facts(stay: Stay) -> list[tuple[str, list[Fact]]]:
-    """Return the labelled facts the hospital course rests on (the module docstring says what is left out)."""
-    # FHIR conditions that were only ongoing during the stay (chronic and social problems) stay out;
-    # notes-format diagnoses carry no detail and are all the stay's own
+    """Return the labelled facts the hospital course rests on (the module docstring lists the rest)."""
+    # FHIR conditions that were only ongoing during the stay (chronic and social problems) stay out.
+    # Notes-format diagnoses carry no detail, because all of them are the stay's own.
     own = [f for f in stay.diagnoses if not (f.detail or "").startswith("present during")]
     return [
         ("Reason for admission", stay.reasons),
