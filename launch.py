@@ -93,6 +93,10 @@ def prepare_accounts(users: UserStore, host: str) -> tuple[str, str] | None:
 def launch(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args)
+    # before the model loads and the server starts its threads, so every later arena obeys the cap
+    from assistant.ui.app import cap_malloc_arenas
+
+    cap_malloc_arenas()
     try:
         settings = resolve_settings(args)
         from assistant.ui.auth import UserStore

@@ -7,8 +7,9 @@ Run from the repository root after the demo adapters exist (`adapters/README.md`
 results are kept in `.cache/benchmarks/adapters/results.json`, and the "adapters" section of
 docs/benchmarks.md is rendered from all parts there, so `--only` re-measures some parts and keeps
 the others' last results (each part states its own date and load). `run(quick)` is the entry point
-of `python -m benchmarks.run`; the quick preset measures serving, training and routing with fewer
-repeats and steps and skips the real-data training, in about 6 minutes on an idle 2-core machine.
+of `python -m benchmarks.run`. The quick preset measures serving, training and routing with fewer
+repeats and steps and skips the real-data training. It took 7 min 20 s on the 2-core development
+machine at load average 6 (one thread), so an idle machine should need well under 6 minutes.
 The real-data part needs ../shared/data (or BEDSIDE_SHARED_DATA).
 """
 
@@ -192,8 +193,8 @@ def bench_serving(repeats: int) -> dict[str, Any]:
     results["checks_ms"] = 1e3 * median_of(checks, repeats)
 
     # switching. A request selects its adapter per row (`adapter_names`), so nothing global changes
-    # between requests; what each request pays is turning the adapter layers on and off around its
-    # generate call. PEFT's global `set_adapter` is shown for comparison, bedside does not call it.
+    # between requests. What each request pays is turning the adapter layers on and off around its
+    # generate call. PEFT's global `set_adapter` is shown for comparison, but bedside does not call it.
     def toggle() -> None:
         with generator.adapters_active():
             pass
@@ -304,13 +305,15 @@ def train_in_child(
     return json.loads(result_path.read_text(encoding="utf-8"))
 
 
-def saved_activation_mb(data: Path, run: dict[str, Any]) -> float:
-    """Size of the tensors autograd saves in one training forward pass of batch 4 × 256 tokens, in MB.
+def profile_step(data: Path, run: dict[str, Any]) -> dict[str, float]:
+    """Profile one training step (batch 4 × 256 tokens, AdamW) of a method, built as the recipe builds it.
 
-    The model is built and wrapped as the recipe builds it. Parameters are not counted, and tensors
-    that share storage are counted once.
+    Returns the size of the tensors autograd saves in the forward pass (parameters not counted,
+    shared storage counted once), and the step's CPU time split into matrix products (`aten::mm`,
+    `aten::addmm`, `aten::bmm`) and everything else, as torch.profiler reports self CPU time.
     """
     import torch
+    from torch.profiler import ProfilerActivity, profile
     from transformers import AutoTokenizer
 
     from assistant import models
@@ -325,6 +328,7 @@ def saved_activation_mb(data: Path, run: dict[str, Any]) -> float:
     batch = PaddingCollator(tokenizer.pad_token_id or 0)(rows)
     model = METHOD_SETUP[config.method](load_trainable_model(config, folder, "cpu"), config)
     model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
 
@@ -334,9 +338,26 @@ def saved_activation_mb(data: Path, run: dict[str, Any]) -> float:
             saved[storage.data_ptr()] = storage.nbytes()
         return tensor
 
+    def step() -> None:
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    # the first step allocates the optimizer state; the profiled one is the second
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model(**batch)
-    return sum(saved.values()) / 2**20
+        step()
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        step()
+    events = profiler.key_averages()
+    total_us = sum(event.self_cpu_time_total for event in events)
+    matmul_us = sum(
+        event.self_cpu_time_total for event in events if event.key in {"aten::mm", "aten::addmm", "aten::bmm"}
+    )
+    return {
+        "saved_activations_mb": sum(saved.values()) / 2**20,
+        "profiled_step_cpu_s": total_us / 1e6,
+        "matmul_cpu_s": matmul_us / 1e6,
+    }
 
 
 def bench_training(steps: int, memory_steps: int, labels: list[str]) -> dict[str, Any]:
@@ -379,7 +400,7 @@ def bench_training(steps: int, memory_steps: int, labels: list[str]) -> dict[str
             results[label] = {
                 **timed,
                 "live_peak_rss_mb": live["peak_rss_mb"],
-                "saved_activations_mb": saved_activation_mb(data, run),
+                **profile_step(data, run),
             }
             logger.info(
                 "%s: %.2f s/step, peak RSS %.0f MB (live %.0f MB)",
@@ -587,7 +608,7 @@ def _tokenizer() -> Any:
 
 
 def headline(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The figures with a target: name, value, unit, reference, ratio, target text and whether it is met."""
+    """Return the figures with a target: name, value, unit, reference, ratio, target and whether it is met."""
     rows = []
     serving = (results.get("serving") or {}).get("data")
     if serving:
@@ -788,14 +809,16 @@ def render_training(training: dict[str, Any], run: str) -> list[str]:
         "",
         run,
         "",
-        "| method | trainable parameters | median s/step | median CPU s/step | peak RSS | "
-        "peak RSS, freed memory returned | saved activations | artifact |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | trainable parameters | median s/step | median CPU s/step | profiled step: matrix "
+        "products / other (CPU s) | peak RSS | peak RSS, freed memory returned | saved activations | "
+        "artifact |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for label, row in training.items():
         lines.append(
             f"| {label} | {row['trainable_parameters']:,} | {row['median_step_seconds']:.2f} | "
             f"{row['median_step_cpu_seconds']:.2f} | "
+            f"{row['matmul_cpu_s']:.1f} / {row['profiled_step_cpu_s'] - row['matmul_cpu_s']:.1f} | "
             f"{row['peak_rss_mb'] / 1024:.2f} GB | {row['live_peak_rss_mb'] / 1024:.2f} GB | "
             f"{row['saved_activations_mb'] / 1024:.2f} GB | {row['artifact_bytes'] / 2**20:.1f} MB |"
         )
@@ -805,25 +828,36 @@ def render_training(training: dict[str, Any], run: str) -> list[str]:
         "",
         f"Each method trained {full['steps'] if full else '?'} steps in its own process; the first step "
         "is left out of the medians, and the step-time target compares CPU seconds (see the batch "
-        "table above for why). Peak RSS is read right after the last step and includes loading "
-        'the model. The "freed memory returned" column repeats each run for '
-        f"{next(iter(training.values())).get('memory_steps', 2)} steps with glibc's mmap threshold "
-        "fixed at 64 KiB, so memory PyTorch has freed is not counted; the targets use it. Saved "
-        "activations are the tensors autograd keeps from one forward pass for the backward pass.",
+        "table above for why). Peak RSS is the training process's own high-water mark (VmHWM) right "
+        "after the last step, model loading included. It is not `ru_maxrss`, which Linux carries over "
+        'from the parent into a spawned process. The "freed memory returned" column repeats each '
+        f"run for {next(iter(training.values())).get('memory_steps', 2)} steps with glibc's mmap "
+        "threshold fixed at 64 KiB, so memory PyTorch has freed and glibc kept is not counted, and the "
+        "memory target uses it. The profiled step and the saved activations (the tensors autograd "
+        "keeps from the forward pass for the backward pass) come from one extra step per method under "
+        "torch.profiler, in the benchmark's own process.",
         "",
     ]
     if full and lora:
         step_ratio = lora["median_step_cpu_seconds"] / full["median_step_cpu_seconds"]
         memory_ratio = lora["live_peak_rss_mb"] / full["live_peak_rss_mb"]
         optimizer_gb = 3 * 4 * full["trainable_parameters"] / 2**30
+        matmul_ratio = lora["matmul_cpu_s"] / full["matmul_cpu_s"]
+        other_ratio = (lora["profiled_step_cpu_s"] - lora["matmul_cpu_s"]) / (
+            full["profiled_step_cpu_s"] - full["matmul_cpu_s"]
+        )
+        other_share = 1 - full["matmul_cpu_s"] / full["profiled_step_cpu_s"]
         lines += [
             f"The default LoRA recipe takes {step_ratio:.2f}× the CPU time per step of full fine-tuning "
             f"(target ≤ {TARGETS['step_ratio']}) and {memory_ratio:.2f}× its peak memory (target ≤ "
             f"{TARGETS['memory_ratio']}). LoRA skips the frozen layers' weight gradients and the optimizer "
             "update of 135M parameters, but it still runs the whole forward pass and back-propagates "
             "activation gradients through every layer. Counting matrix products (forward once, backward "
-            "twice for full fine-tuning and once for LoRA), that estimates LoRA at about two thirds of full "
-            "fine-tuning's arithmetic, so a step ratio of 0.5 is out of reach on this model. For memory, "
+            "twice for full fine-tuning and once for LoRA) estimates its matrix work at about two thirds; "
+            f"the profiled step measured {matmul_ratio:.2f}×. The rest of a step, {other_share:.0%} of full "
+            "fine-tuning's (the log-softmax over the 49,152-word vocabulary, attention, element-wise "
+            f"operations), costs LoRA {other_ratio:.2f}× as much, so a step ratio of 0.5 is out of reach "
+            "on this model. For memory, "
             "full fine-tuning adds gradients and two AdamW moments, 3 × 4 bytes per parameter "
             f"({optimizer_gb:.1f} GB), while autograd keeps {full['saved_activations_mb'] / 1024:.1f} GB of "
             f"activations for full fine-tuning and {lora['saved_activations_mb'] / 1024:.1f} GB for the "

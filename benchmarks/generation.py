@@ -32,6 +32,7 @@ import contextlib
 import copy
 import json
 import logging
+import math
 import os
 import statistics
 import sys
@@ -203,19 +204,41 @@ def llama_cpp_version() -> str | None:
 
 # decode timing
 
-def decode_rate(run: Callable[[int], Any], new_tokens: int, batch: int, repeats: int) -> tuple[float, Any]:
-    """Median decode tokens/s from paired runs of 1 and N new tokens; also returns the last N-token output."""
-    run(2)  # warm-up: first calls allocate
-    rates, output = [], None
+def timed_pair(run: Callable[[int], Any], new_tokens: int, batch: int) -> tuple[float, Any]:
+    """Decode tokens/s from one run of 1 and one of N new tokens; also returns the N-token output."""
+    start = time.perf_counter()
+    run(1)
+    one = time.perf_counter() - start
+    start = time.perf_counter()
+    output = run(new_tokens)
+    many = time.perf_counter() - start
+    # a burst of load during the 1-token run can make it the slower one; such a round says nothing
+    rate = (new_tokens - 1) * batch / (many - one) if many > one else float("nan")
+    return rate, output
+
+
+def finite_median(values: list[float]) -> float:
+    finite = [value for value in values if math.isfinite(value)]
+    return statistics.median(finite) if finite else float("nan")
+
+
+def interleaved_rates(runs: dict[str, tuple[Any, Callable[[int], Any]]], new_tokens: int, batch: int,
+                      repeats: int) -> dict[str, tuple[list[float], Any]]:
+    """Time every run once per round, `repeats` rounds, so load from other processes hits them alike.
+
+    `runs` maps a name to (context manager factory, runner). Returns each name's rates and its last
+    N-token output. A warm-up call per run comes first, because first calls allocate.
+    """
+    results: dict[str, tuple[list[float], Any]] = {name: ([], None) for name in runs}
+    for context, runner in runs.values():
+        with context():
+            runner(2)
     for _ in range(repeats):
-        start = time.perf_counter()
-        run(1)
-        one = time.perf_counter() - start
-        start = time.perf_counter()
-        output = run(new_tokens)
-        many = time.perf_counter() - start
-        rates.append((new_tokens - 1) * batch / max(many - one, 1e-9))
-    return statistics.median(rates), output
+        for name, (context, runner) in runs.items():
+            with context():
+                rate, output = timed_pair(runner, new_tokens, batch)
+            results[name] = (results[name][0] + [rate], output)
+    return results
 
 
 def hf_runner(generator: Any, model: Any, prompts: list[list[int]], **extra: Any) -> Callable[[int], Any]:
@@ -375,7 +398,7 @@ def measure(preset: dict[str, Any]) -> dict[str, Any]:
 
 def measure_decode(generator: Any, model: Any, prompts: list[list[int]], gguf_path: Path,
                    preset: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """Decode tokens/s of bedside and llama.cpp at each batch size, on the same prompt ids."""
+    """Decode tokens/s of bedside and llama.cpp at each batch size, on the same prompt ids, interleaved."""
     import torch
 
     new_tokens, repeats = preset["new_tokens"], preset["repeats"]
@@ -383,16 +406,23 @@ def measure_decode(generator: Any, model: Any, prompts: list[list[int]], gguf_pa
     decode = {}
     for batch in preset["batch_sizes"]:
         rows = prompts[:batch]
-        rate, _ = decode_rate(hf_runner(generator, model, rows), new_tokens, batch, repeats)
-        row = {"bedside": rate}
+        runs: dict[str, tuple[Any, Callable[[int], Any]]] = {
+            "bedside": (contextlib.nullcontext, hf_runner(generator, model, rows))}
+        reference = None
         if has_reference:
             context = max(len(p) for p in rows) + new_tokens + 8
             reference = LlamaCppDecoder(gguf_path, batch, context, torch.get_num_threads())
-            try:
-                row["llama_cpp"], _ = decode_rate(lambda n, r=reference, p=rows: r.generate(p, n),
-                                                  new_tokens, batch, repeats)
-            finally:
+            runs["llama_cpp"] = (contextlib.nullcontext, lambda n, r=reference, p=rows: r.generate(p, n))
+        try:
+            results = interleaved_rates(runs, new_tokens, batch, repeats)
+        finally:
+            if reference is not None:
                 reference.close()
+        row = {name: finite_median(rates) for name, (rates, _) in results.items()}
+        if has_reference:
+            # the ratio of each round, so a slow round slows both engines' figures alike
+            row["ratio_per_round_median"] = finite_median(
+                [b / r for b, r in zip(results["bedside"][0], results["llama_cpp"][0], strict=True)])
         decode[str(batch)] = row
         logger.info("decode, batch %d: %s", batch, row)
     return decode
@@ -412,24 +442,24 @@ def measure_levers(generator: Any, model: Any, bf16_model: Any, prompts: list[li
     for batch in preset["lever_batches"]:
         rows = prompts[:batch]
         plain = hf_runner(generator, model, rows)
-        # The first case is the baseline and the reference for equal tokens: fp32 on PyTorch's default
-        # kernel. Each other case changes one thing from it.
-        default = linear_kernel(model, False)
-        cases: list[tuple[str, Any, Callable[[int], Any]]] = [("fp32, default kernel", default, plain)]
+        # The first run is the baseline and the reference for equal tokens: fp32 on PyTorch's default
+        # kernel. Each other run changes one thing from it.
+        runs: dict[str, tuple[Any, Callable[[int], Any]]] = {
+            "fp32, default kernel": (lambda: linear_kernel(model, False), plain)}
         if cpu_linear.onednn_available():
-            cases.append(("fp32, oneDNN kernel", linear_kernel(model, True), plain))
-        cases.append(("fp32, static KV cache", linear_kernel(model, False),
-                      hf_runner(generator, model, rows, cache_implementation="static")))
-        cases.append(("bf16", contextlib.nullcontext(), hf_runner(generator, bf16_model, rows)))
+            runs["fp32, oneDNN kernel"] = (lambda: linear_kernel(model, True), plain)
+        runs["fp32, static KV cache"] = (lambda: linear_kernel(model, False),
+                                         hf_runner(generator, model, rows, cache_implementation="static"))
+        runs["bf16"] = (contextlib.nullcontext, hf_runner(generator, bf16_model, rows))
         if preset["extra_levers"] and other_threads != threads:
             label = f"fp32, {other_threads} thread{'s' if other_threads > 1 else ''}"
-            cases.append((label, _both(linear_kernel(model, False), torch_threads(other_threads)), plain))
-        reference = None
-        for name, context, runner in cases:
-            with context:
-                rate, tokens = decode_rate(runner, new_tokens, batch, repeats)
-            reference = tokens if reference is None else reference
-            levers.setdefault(name, {})[str(batch)] = {"rate": rate, "identical": tokens == reference}
+            runs[label] = (lambda: _both(linear_kernel(model, False), torch_threads(other_threads)), plain)
+        results = interleaved_rates(runs, new_tokens, batch, repeats)
+        reference = results["fp32, default kernel"][1]
+        for name, (rates, tokens) in results.items():
+            rate = finite_median(rates)
+            levers.setdefault(name, {})[str(batch)] = {"rate": rate, "rates": rates,
+                                                       "identical": tokens == reference}
             logger.info("lever %s, batch %d: %.1f tokens/s, equal %s", name, batch, rate, tokens == reference)
     if preset["extra_levers"]:
         with linear_kernel(model, False):
@@ -458,22 +488,25 @@ def measure_ttft(model: Any, bf16_model: Any, preset: dict[str, Any]) -> dict[st
     product_onednn = cpu_linear.uses_onednn(model)
     questions = demo_questions()
     warmup, series = questions[-1], questions[:preset["ask_questions"]]
+    # name: (oneDNN kernel, prompt prefix reuse, top_k); the first is the reference for equal answers
+    variants = {TTFT_BEFORE: (False, False, None), TTFT_NOW: (product_onednn, True, None),
+                TTFT_FRESH: (product_onednn, False, None), TTFT_TOP3: (product_onednn, True, 3)}
+    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+    generator._prompt_caches.clear()
+    # each question runs under every variant in turn, so load from other processes hits them alike
+    for index, question in enumerate([warmup, *series]):
+        for name, (onednn, reuse, top_k) in variants.items():
+            generator.reuse_prompt_prefix = reuse
+            with linear_kernel(model, onednn):
+                row = ask_series(assistant, [question], top_k)[0]
+            if index > 0:
+                rows[name].append(row)
     ttft: dict[str, Any] = {}
-
-    def variant(name: str, onednn: bool, reuse: bool, top_k: int | None = None) -> None:
-        generator.reuse_prompt_prefix = reuse
-        generator._prompt_caches.clear()
-        with linear_kernel(model, onednn):
-            assistant.ask(warmup, user="benchmark", top_k=top_k)
-            rows = ask_series(assistant, series, top_k)
-        ttft[name] = {"ttft_s": median_of(rows, "ttft_s"), "prompt_tokens": median_of(rows, "prompt_tokens"),
-                      "reused_tokens": median_of(rows, "reused_tokens"), "rows": rows}
+    for name, measured in rows.items():
+        ttft[name] = {"ttft_s": median_of(measured, "ttft_s"),
+                      "prompt_tokens": median_of(measured, "prompt_tokens"),
+                      "reused_tokens": median_of(measured, "reused_tokens"), "rows": measured}
         logger.info("time to first token, %s: %.2f s", name, ttft[name]["ttft_s"])
-
-    variant(TTFT_BEFORE, False, False)
-    variant(TTFT_NOW, product_onednn, True)
-    variant(TTFT_FRESH, product_onednn, False)
-    variant(TTFT_TOP3, product_onednn, True, top_k=3)
     generator.reuse_prompt_prefix = True
     reference = [row["output"] for row in ttft[TTFT_BEFORE]["rows"]]
     for name, entry in ttft.items():
@@ -491,20 +524,29 @@ def compile_lever(generator: Any, model: Any, prompts: list[list[int]], new_toke
     config = CompileConfig(fullgraph=False, dynamic=False)
     # transformers compiles on accelerators only unless told otherwise
     config._compile_all_devices = True
-    reference = hf_runner(generator, model, prompts)(new_tokens)
-    runner = hf_runner(generator, model, prompts, cache_implementation="static", compile_config=config)
+    plain = hf_runner(generator, model, prompts)
+    compiled = hf_runner(generator, model, prompts, cache_implementation="static", compile_config=config)
     start = time.perf_counter()
     try:
-        first = runner(new_tokens)
+        # a static cache's length is prompt + new tokens, so each of the two lengths compiles once
+        compiled(1)
+        first = compiled(new_tokens)
     except Exception as err:  # a failing compiler is a result to report, not a reason to stop
         logger.warning("torch.compile failed: %s", err)
         return {"fp32, torch.compile + static cache": {"1": {"rate": float("nan"), "identical": None,
                                                              "error": str(err)[:200]}}}
     compile_s = time.perf_counter() - start
-    rate, tokens = decode_rate(runner, new_tokens, len(prompts), repeats)
-    return {"fp32, torch.compile + static cache": {"1": {"rate": rate, "identical": tokens == reference
-                                                         and first == reference,
-                                                         "compile_s": compile_s}}}
+    rates: dict[str, list[float]] = {"plain": [], "compiled": []}
+    outputs: dict[str, Any] = {}
+    for _ in range(repeats):
+        for name, runner in (("plain", plain), ("compiled", compiled)):
+            rate, outputs[name] = timed_pair(runner, new_tokens, len(prompts))
+            rates[name].append(rate)
+    speedup = finite_median([c / p for c, p in zip(rates["compiled"], rates["plain"], strict=True)])
+    equal = outputs["compiled"] == outputs["plain"] and first == outputs["plain"]
+    return {"fp32, torch.compile + static cache": {"1": {
+        "rate": finite_median(rates["compiled"]), "identical": equal, "compile_s": compile_s,
+        "speedup": speedup}}}
 
 
 def prefill_bf16(assistant: Any, model: Any, bf16_model: Any, questions: list[str]) -> dict[str, float]:
@@ -601,6 +643,9 @@ def report(figures: dict[str, Any]) -> str:
         "",
         "### Levers: decode tokens/s, and whether the greedy tokens equal fp32 on the default kernel",
         "",
+        "Median [lowest–highest] of the rounds; each round runs every lever once, so a burst of load "
+        "from other processes hits them alike.",
+        "",
         "| lever | " + " | ".join(f"batch {b}" for b in preset["lever_batches"]) + " |",
         "|---|" + "---|" * len(preset["lever_batches"]),
     ]
@@ -614,7 +659,9 @@ def report(figures: dict[str, Any]) -> str:
             same = {True: "equal", False: "differ", None: "—"}[entry.get("identical")]
             extra = f", compiled in {entry['compile_s']:.0f} s" if entry.get("compile_s") else ""
             extra += f", failed: {entry['error']}" if entry.get("error") else ""
-            cells.append(f"{_fmt(entry['rate'])} ({same}{extra})")
+            finite = [rate for rate in entry.get("rates", []) if math.isfinite(rate)]
+            spread = f" [{_fmt(min(finite))}–{_fmt(max(finite))}]" if len(finite) > 1 else ""
+            cells.append(f"{_fmt(entry['rate'])}{spread} ({same}{extra})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if not preset["extra_levers"]:
         lines += ["", "Quick runs leave out the thread-count and `torch.compile` levers; the full run "
@@ -705,16 +752,14 @@ def findings(figures: dict[str, Any]) -> list[str]:
                    f"{_gains(onednn, base)}; greedy tokens {'equal' if equal else 'NOT equal'}.")
     static = levers.get("fp32, static KV cache", {})
     if static and base:
-        faster = all(static[b]["rate"] >= 1.05 * base[b]["rate"] for b in static if b in base)
-        why = ("faster here, but transformers' static cache allocates prompt + maximum new tokens up "
-               "front for every call and needs compiling to pay off reliably; left for a follow-up"
-               if faster else "no gain without compiling")
-        out.append(f"- **Not kept: a static KV cache** ({_gains(static, base)} of the default kernel's "
-                   f"rate; {why}).")
+        out.append(f"- **Not kept: transformers' static KV cache** ({_gains(static, base)} of the default "
+                   f"kernel's rate). Without compiling, it attends over the whole preallocated length every "
+                   f"step, and batched drafting, where long prompts make appending to the cache costly, "
+                   f"already writes its cache into a preallocated buffer (assistant/answer/prefix_cache.py).")
     compiled = levers.get("fp32, torch.compile + static cache", {}).get("1")
     if compiled and compiled.get("compile_s") and base.get("1"):
         out.append(f"- **Not kept: `torch.compile`** with a static cache: "
-                   f"{compiled['rate'] / base['1']['rate']:.2f}× the default kernel's rate at batch 1 after "
+                   f"{compiled['speedup']:.2f}× the default kernel's rate at batch 1 after "
                    f"{compiled['compile_s']:.0f} s of compiling, which every `bedside ask` process would pay "
                    f"again.")
     for name, entry in levers.items():

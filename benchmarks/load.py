@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import socket
 import tempfile
@@ -252,7 +253,7 @@ def load_demo_assistant(max_new_tokens: int, audit_db: Path) -> Any:
     return build_assistant(settings)
 
 
-def render(result: LoadResult, quick: bool) -> str:
+def render(result: LoadResult, quick: bool, arenas: str) -> str:
     answered, rejected, failed = result.count("answered"), result.count("rejected"), result.count("failed")
     per_minute = 60 * answered / result.seconds if result.seconds else 0.0
     times = [o.seconds for o in result.outcomes if o.status == "answered"]
@@ -282,9 +283,16 @@ model serves every user. Measured {today()} on {machine()}; load average {load_a
 
 Resident memory of the serving process: {result.rss_before_mib:.0f} MiB after a warm-up of 4 requests,
 then {quarters} MiB after each quarter of the requests ({result.rss_second_half_growth_mib:+.0f} MiB over
-the second half, {result.rss_growth_mib:+.0f} MiB over the whole run). Latency is measured at the
-client, from submitting a question to the verified answer, so it includes waiting in the queue behind
-the other clients: with one request served at a time, p95 grows with the number of clients.
+the second half, {result.rss_growth_mib:+.0f} MiB over the whole run; malloc arenas {arenas}). glibc
+keeps a malloc arena for each thread that allocates, and Gradio runs handlers on a pool of threads,
+so memory grows until each arena has served requests and then levels off. `launch.py` therefore caps
+the arenas at 2 (`assistant.ui.app.cap_malloc_arenas`), as this benchmark does. Without the cap, on
+2026-12-05, 100 requests levelled off near 2,850 MiB (+5 MiB over the last quarter, +1,251 MiB over
+the run); with MALLOC_ARENA_MAX=2 set in the environment, 50 requests levelled off near 1,930 MiB.
+
+Latency is measured at the client, from submitting a question to the verified answer, so it includes
+waiting in the queue behind the other clients: with one request served at a time, p95 grows with the
+number of clients.
 A mixed adapter would be an audit row or a page whose adapter differs from the one its specialty
 names; the run checks every row and every answered page.
 """
@@ -293,10 +301,16 @@ names; the run checks every row and every answered page.
 def measure_and_report(requests: int, clients: int, max_new_tokens: int, quick: bool,
                        write: bool) -> LoadResult:
     """Run the load on the demo assistant; write the section and record the figures when `write`."""
+    from assistant.ui.app import cap_malloc_arenas
+
+    # as launch.py does before it loads anything
+    capped = cap_malloc_arenas()
+    setting = os.environ.get("MALLOC_ARENA_MAX", "unset")
+    arenas = "capped at 2" if capped else f"not capped here (MALLOC_ARENA_MAX={setting})"
     with tempfile.TemporaryDirectory(prefix="bedside-load-audit-") as folder:
         assistant = load_demo_assistant(max_new_tokens, Path(folder) / "audit.db")
         result = run_load(assistant, requests=requests, clients=clients)
-    markdown = render(result, quick)
+    markdown = render(result, quick, arenas)
     if not write:
         print(markdown)
         return result

@@ -509,6 +509,7 @@ def measure_scale(base: tuple[list[str], list[Any], np.ndarray], work: Path, mod
     results: dict[str, Any] = {"real_chunks": len(chunks), "sizes": []}
     retrievers: dict[tuple[int, str], Any] = {}
     opened: dict[int, dict[str, Any]] = {}
+    corpora: dict[int, tuple[Path, Corpus, dict[str, Any]]] = {}
     for size in plan.sizes:
         corpus = synthetic_corpus(documents, chunks, vectors, size)
         root = work / f"corpus-{size}"
@@ -521,8 +522,8 @@ def measure_scale(base: tuple[list[str], list[Any], np.ndarray], work: Path, mod
             "copy_cosine": float(np.median(corpus.copy_cosines)) if len(corpus.copy_cosines) else None,
         }
         if size in plan.scaled_rebuild_sizes:
-            # the queries below then search the rebuilt version, which differs in 1% of its documents
-            row["incremental"] = scaled_incremental(root, corpus, models, written, embedding_rate)
+            # rebuilt after the queries, which thus search exactly the chunks written here
+            corpora[size] = (root, corpus, written)
         del corpus
 
         start = time.perf_counter()
@@ -557,6 +558,10 @@ def measure_scale(base: tuple[list[str], list[Any], np.ndarray], work: Path, mod
     for indexes in opened.values():
         for loaded, _ in indexes.values():
             loaded.close()
+    for row, size in zip(results["sizes"], plan.sizes, strict=True):
+        if size in corpora:
+            root, corpus, written = corpora.pop(size)
+            row["incremental"] = scaled_incremental(root, corpus, models, written, embedding_rate)
     for size in plan.sizes:
         shutil.rmtree(work / f"corpus-{size}", ignore_errors=True)
     results["copy_vs_neighbour"] = neighbour_cosines(vectors)
@@ -630,7 +635,8 @@ def measure(plan: Plan, quick: bool) -> dict[str, Any]:
         rebuilds, base = measure_rebuilds(documents, models, plan, work / "real")
         embedding_rate = rebuilds["chunks"] / rebuilds["full_stages"]["embedding"]
         scale = measure_scale(base, work, models, questions, plan, embedding_rate)
-    return {"plan": plan.__dict__, "quick": quick, "threads": threads, "rebuilds": rebuilds, "scale": scale,
+    return {"plan": plan.__dict__, "quick": quick, "threads": threads, "niceness": os.nice(0),
+            "rebuilds": rebuilds, "scale": scale,
             "embedding_rate": embedding_rate, "minutes": (time.perf_counter() - start) / 60,
             "load_start": load_start, "load_end": load_average(), "date": today(), "machine": machine()}
 
@@ -743,7 +749,8 @@ def report(figures: dict[str, Any]) -> str:
     lines = [
         "## Retrieval at scale",
         "",
-        f"`{command}` on {figures['date']}: {figures['machine']}; {figures['threads']}. Load average "
+        f"`{command}` on {figures['date']}: {figures['machine']}; {figures['threads']}"
+        + (f", niceness {figures['niceness']}" if figures.get("niceness") else "") + ". Load average "
         f"{figures['load_start']} at the start and {figures['load_end']} at the end (other jobs shared the "
         "cores, so compare the columns of one run rather than absolute times). The run took "
         f"{figures['minutes']:.1f} min."
@@ -813,12 +820,17 @@ def latency_lines(figures: dict[str, Any]) -> list[str]:
                          "—" if index_type == "flat" else f"{row['same_hits']:.3f}"])
     lines += table(["chunks (real + copies)", "FAISS type", "p50", "p95", "p50 CPU",
                     "p50 without query embedding", "share of flat's top 5"], rows)
-    verdict = "met." if p50 <= TARGET_P50_MS else (
-        f"missed by {p50 - TARGET_P50_MS:.1f} ms ({p50 / TARGET_P50_MS:.2f}× the target). The stage table "
-        "below shows where the time goes.")
+    cpu, mean = chosen[-1]["p50_cpu"], chosen[-1]["mean"]
+    embedding = chosen[-1]["stages"].get("embed query", 0.0)
+    verdict = f"met. Its CPU time per query was {number(cpu)} ms (p50)."
+    if p50 > TARGET_P50_MS:
+        verdict = (f"missed by {p50 - TARGET_P50_MS:.1f} ms ({p50 / TARGET_P50_MS:.2f}× the target). The "
+                   f"query embedding takes {number(embedding)} ms of the {number(mean)} ms mean "
+                   f"(stage table below). The CPU time per query was {number(cpu)} ms (p50)"
+                   + (", within the target, so the miss is time spent waiting for a core on the shared "
+                      "machine." if cpu <= TARGET_P50_MS else "."))
     lines += ["", f"Target: p50 ≤ {TARGET_P50_MS:g} ms at {top['size']:,} chunks with the product's choice "
-                  f"({top['index_type']}): **{number(p50)} ms**, {verdict} Its CPU time per query was "
-                  f"{number(chosen[-1]['p50_cpu'])} ms (p50).", "",
+                  f"({top['index_type']}): **{number(p50)} ms**, {verdict}", "",
               "Mean time per query by stage (product's FAISS type; `fusion, ranking, rest` is the measured "
               "total minus the timed stages):", ""]
     lines += table(["stage"] + [f"{row['size']:,} chunks ({row['index_type']})" for row in sizes],

@@ -192,6 +192,39 @@ def test_synthea_facts_match_ndjson(synthea, export):
         )
 
 
+def patient_names(export: dict[str, list[dict]]) -> dict[str, list[str]]:
+    return {
+        p["id"]: [part for n in p["name"] for part in (*n.get("given", []), n.get("family", ""))]
+        for p in export["Patient"]
+    }
+
+
+def test_synthea_prompts_name_no_other_patient(synthea, export, base_model):
+    """The model sees only its own patient: no prompt of the 49 stays names another patient or id.
+
+    Drafting all 49 stays is too slow for CI, so `test_synthea_drafts_match_ndjson` drafts three;
+    this covers every stay's prompt, the only text the model reads.
+    """
+    from assistant.drafting import DraftOptions, read_stays
+    from assistant.drafting.narrative import build_messages, fit_notes, listed_facts
+
+    _, tokenizer = base_model
+    names = patient_names(export)
+
+    stays = read_stays(synthea, DraftOptions()).stays
+
+    assert len(stays) == 49
+    for stay in stays:
+        fitted = fit_notes(stay.notes, tokenizer, 512, listed_facts(stay))
+        prompt = "\n".join(m["content"] for m in build_messages(stay, fitted))
+        for patient_id, parts in names.items():
+            if patient_id == stay.patient_id:
+                continue
+            assert patient_id not in prompt, (stay.encounter_id, patient_id)
+            for part in parts:
+                assert part not in prompt, (stay.encounter_id, part)
+
+
 # drafting the export
 
 

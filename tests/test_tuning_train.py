@@ -233,3 +233,30 @@ def test_qlora_trains_on_cuda(tiny_data, tmp_path, base_model):
     batch = probe_batch(tokenizer)
     with torch.inference_mode():
         assert not torch.allclose(loaded(input_ids=batch).logits, model(input_ids=batch).logits, atol=1e-3)
+
+
+def _report_peak(queue) -> None:
+    from assistant.tuning.recipes import peak_rss_mb
+
+    queue.put(peak_rss_mb())
+
+
+def test_peak_rss_excludes_parent_in_spawned_process():
+    """Linux carries ru_maxrss over exec; the recorded peak must be the child's own memory."""
+    import multiprocessing
+    import resource
+
+    ballast = bytearray(1024 * 2**20)
+    for offset in range(0, len(ballast), 4096):
+        ballast[offset] = 1
+    parent_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    del ballast
+
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=_report_peak, args=(queue,))
+    child.start()
+    child_peak_mb = queue.get(timeout=300)
+    child.join()
+    assert parent_peak_mb > 1024
+    assert child_peak_mb < parent_peak_mb - 512, (child_peak_mb, parent_peak_mb)

@@ -112,8 +112,8 @@ class SharedPrefixGenerator:
         if not self.prefix_ids or settings.do_sample:
             return self.generator.generate_batch(messages_list, adapters, settings)
         rows = [self._template_ids(m, add_generation_prompt=True) for m in messages_list]
-        width = len(self.prefix_ids)
-        if any(row[:width] != self.prefix_ids or len(row) == width for row in rows):
+        prefix_length = len(self.prefix_ids)
+        if any(row[:prefix_length] != self.prefix_ids or len(row) == prefix_length for row in rows):
             logger.warning("a prompt does not start with the shared prefix; generating the batch without it")
             return self.generator.generate_batch(messages_list, adapters, settings)
         return self._generate(rows, adapters, settings)
@@ -138,6 +138,9 @@ class SharedPrefixGenerator:
                 f"adapter(s) {unknown} are not loaded; loaded: {sorted(generator.adapters) or 'none'}")
         adapter_kwargs = {"adapter_names": [a or BASE_ROUTE for a in adapters]} if generator.adapters else {}
 
+        # this path brings its own cache, and generate rejects a cache together with cache_implementation
+        generate_kwargs = settings.generate_kwargs(tokenizer)
+        generate_kwargs.pop("cache_implementation", None)
         layer_class = _preallocated_layer_class()
         with generator.adapters_active(), torch.inference_mode():
             per_row = [self._prefix_cache(adapter) for adapter in adapters]
@@ -150,7 +153,7 @@ class SharedPrefixGenerator:
             device = next(generator.model.parameters()).device
             output = generator.model.generate(
                 input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                cache=Cache(layers=layers), **settings.generate_kwargs(tokenizer), **adapter_kwargs)
+                cache=Cache(layers=layers), **generate_kwargs, **adapter_kwargs)
         start = prefix + width
         return [tokenizer.decode(row[start:], skip_special_tokens=True).strip() for row in output]
 

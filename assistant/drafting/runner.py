@@ -8,7 +8,7 @@ the run goes on.
 Batches are formed from stays sorted by prompt length, so rows of one batch need little padding.
 The system turn that opens every prompt is prefilled once and shared by all rows
 (`SharedPrefixGenerator`). A batched draft equals the same draft made alone (greedy decoding, fp32).
-Generation pads between that prefix and the rest of each prompt, with an attention mask, and the
+Generation pads between that prefix and the rest of each prompt, with an attention mask. The
 embeddings used for scoring are computed from one stay's texts at a time, so no number depends on
 which other stays share the batch. In bfloat16 batched rows can differ from
 solo ones in the last bits, which may flip a greedy choice; the dtype and batch size are recorded

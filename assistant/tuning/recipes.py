@@ -408,8 +408,19 @@ def parameter_counts(model: Any) -> tuple[int, int]:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MB (Linux reports ru_maxrss in KiB)."""
-    scale = 1 if platform.system() == "Darwin" else 1024
+    """Peak resident memory of this process so far, in MB.
+
+    On Linux this is VmHWM of /proc/self/status. Linux carries ru_maxrss over an exec, so in a
+    process started by fork and exec (multiprocessing's spawn, subprocess) ru_maxrss starts at the
+    parent's peak, while VmHWM belongs to the new program's memory alone.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)  # reported in kB
+    except OSError:
+        pass
+    scale = 1 if platform.system() == "Darwin" else 1024  # ru_maxrss is in bytes on macOS, KiB elsewhere
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20, 1)
 
 

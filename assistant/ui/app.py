@@ -92,6 +92,27 @@ HEAD = """
 """
 
 
+def cap_malloc_arenas(count: int = 2) -> bool:
+    """Limit glibc to `count` malloc arenas for threads started from now on; return whether it applied.
+
+    glibc gives each allocating thread its own arena (up to 8 per core) and keeps freed memory in
+    it. Gradio answers requests on a pool of threads, so the server's memory grew by about 900 MiB
+    more before levelling off without a cap (benchmarks/load.py on 2 cores; docs/benchmarks.md).
+    A MALLOC_ARENA_MAX set by the user wins, and other C libraries are left alone.
+    """
+    import ctypes
+
+    if os.environ.get("MALLOC_ARENA_MAX"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_arena_max = -8  # from glibc's malloc.h
+    return bool(mallopt(m_arena_max, count))
+
+
 def launch_options() -> dict[str, Any]:
     """Return the keyword arguments Gradio 6 takes at launch for this page's look and script."""
     # System fonts only: the default theme would load its fonts from Google, and the page must work

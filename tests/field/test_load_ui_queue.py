@@ -26,8 +26,11 @@ def load_result(demo_adapter_generator, demo_index_dir, embedder, embedder_info,
     from assistant.config import Settings
     from assistant.indexing import IndexStore
     from assistant.retrieval import Retriever
+    from assistant.ui.app import cap_malloc_arenas
     from benchmarks.load import run_load
 
+    # the server's threads run under the arena cap that launch.py sets
+    cap_malloc_arenas()
     generator, router = demo_adapter_generator
     audit_db = tmp_path_factory.mktemp("load") / "audit.db"
     settings = Settings(index_dir=demo_index_dir, dtype="float32", device="cpu", max_new_tokens=4, top_k=1,
@@ -56,3 +59,11 @@ def test_memory_settles(load_result):
     assert load_result.rss_before_mib > 0
     assert load_result.rss_half_mib > 0
     assert load_result.rss_second_half_growth_mib < MAX_SECOND_HALF_GROWTH_MIB
+
+
+def test_arena_cap_leaves_user_setting(monkeypatch):
+    from assistant.ui.app import cap_malloc_arenas
+
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+
+    assert cap_malloc_arenas() is False
