@@ -87,6 +87,12 @@ class LoadResult:
         return self.rss_after_mib - self.rss_before_mib
 
     @property
+    def rss_last_quarter_growth_mib(self) -> float:
+        """Growth while the last quarter of the requests ran."""
+        trace = self.rss_trace_mib
+        return trace[-1] - trace[max(0, 3 * len(trace) // 4 - 1)] if trace else 0.0
+
+    @property
     def rss_second_half_growth_mib(self) -> float:
         """Growth while the second half of the requests ran: near zero when memory has settled."""
         return self.rss_after_mib - self.rss_half_mib
@@ -320,7 +326,8 @@ def measure_and_report(requests: int, clients: int, max_new_tokens: int, quick: 
                   answered + result.count("rejected"), "requests", target=f"value >= {requests}")
     record_figure(MODULE, "answers with a mixed adapter", len(result.mixed_adapters), "answers",
                   target="value <= 0")
-    record_figure(MODULE, "RSS growth over the second half of the run", result.rss_second_half_growth_mib,
+    # a leaked KV cache per request (about 18 MB at 400 prompt tokens) would add over 200 MiB here
+    record_figure(MODULE, "RSS growth over the last quarter of the run", result.rss_last_quarter_growth_mib,
                   "MiB", target="value <= 100",
                   note=f"{result.rss_before_mib:.0f} MiB after warm-up, "
                        f"{result.rss_after_mib:.0f} MiB at the end")
