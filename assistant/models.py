@@ -199,7 +199,8 @@ def _cpu_bf16_is_fast() -> bool:
         _bf16_fast = all(ratio < 0.8 for ratio in ratios.values())
         logger.info(
             "bf16/fp32 time ratio: decode %.2f, prefill %.2f -> %s",
-            ratios["decode"], ratios["prefill"], "bf16" if _bf16_fast else "fp32 (bf16 is not faster on both)",
+            ratios["decode"], ratios["prefill"],
+            "bf16" if _bf16_fast else "fp32 (bf16 is not faster on both)",
         )
     return _bf16_fast
 

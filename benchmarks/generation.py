@@ -405,6 +405,7 @@ def measure(preset: dict[str, Any]) -> dict[str, Any]:
 
     figures: dict[str, Any] = {"date": today(), "machine": machine(), "revision": git_revision(),
                                "load_average_start": load_average(), "threads": torch.get_num_threads(),
+                               "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                                "preset": preset, "llama_cpp": llama_cpp_version()}
     started = time.perf_counter()
 
@@ -637,7 +638,7 @@ def report(figures: dict[str, Any]) -> str:
         "## Generation speed",
         "",
         f"`{figures['command']}` on {figures['date']}, revision {figures['revision']}. Machine: "
-        f"{figures['machine']}; {figures['threads']} torch thread(s); load average "
+        f"{figures['machine']}; {figures['threads']} torch thread(s){_omp_note(figures)}; load average "
         f"{figures['load_average_start']} at the start and {figures['load_average_end']} at the end; "
         f"{figures['seconds'] / 60:.1f} min. Reference: {reference}",
         "",
@@ -746,6 +747,11 @@ def report(figures: dict[str, Any]) -> str:
                       f"{_fmt(prefill['float32'], 0)} ms in fp32 on the {figures['kernel']} kernel (median)."]
     lines += ["", "### Targets: what is met, what is not, and why", "", *findings(figures)]
     return "\n".join(lines)
+
+
+def _omp_note(figures: dict[str, Any]) -> str:
+    value = figures.get("omp_num_threads")
+    return f" (OMP_NUM_THREADS={value})" if value else ""
 
 
 def _miss(value: float, target: float, higher_is_better: bool) -> str:

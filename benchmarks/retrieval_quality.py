@@ -537,7 +537,7 @@ def report(figures: dict[str, Any]) -> str:
     parts += ["", hybrid_notes(figures["recall"])]
     if figures.get("sweep"):
         parts += ["", "**Hybrid variants** (arguments not listed keep the defaults above; R@k as above)", "",
-                  sweep_table(figures["sweep"])]
+                  sweep_table(figures["sweep"]), "", sweep_notes(figures)]
 
     parts += ["", "### Relevance gate", "",
               f"Best-chunk cosine similarity over the top {figures['top_k']} hybrid hits, the value "
@@ -605,6 +605,27 @@ title has all its content words in the question, and `section_boost` when the ch
 its aspect ("What are the treatments for gout?") thereby lifts the treatment answer about gout above
 near-duplicates. PubMedQA has no such near-duplicates: dense search alone finds nearly every abstract,
 and the fusion must not lose that. The hybrid variants table, when present, shows each part's share."""
+
+
+def sweep_notes(figures: dict[str, Any]) -> str:
+    """Name what each part of the default hybrid search adds on MedQuAD, from the sweep rows."""
+    medquad_r1 = {json.dumps(variant, sort_keys=True): medquad["R@1"]
+                  for variant, _, medquad in figures["sweep"]}
+
+    def r1(**variant: Any) -> str:
+        value = medquad_r1.get(json.dumps(variant, sort_keys=True))
+        return "—" if value is None else f"{value:.3f}"
+
+    no_boost = {"title_boost": 0.0, "section_boost": 0.0}
+    dense = figures["recall"][MEDQUAD_ALL]["dense"]["R@1"]
+    default = figures["recall"][MEDQUAD_ALL]["hybrid"]["R@1"]
+    return (
+        f"On MedQuAD R@1, dense search alone reaches {dense:.3f}. Without the header boosts, weighted fusion "
+        f"at dense_weight 0.6 reaches {r1(dense_weight=0.6, **no_boost)} and reciprocal rank fusion (k=60) "
+        f"{r1(fusion='rrf', rrf_k=60, **no_boost)}. The title boost alone lifts it to "
+        f"{r1(title_boost=0.3, section_boost=0.0)}, the section boost alone to "
+        f"{r1(title_boost=0.0, section_boost=0.4)}, and both (the default) to {default:.3f}."
+    )
 
 
 def gate_notes(figures: dict[str, Any]) -> str:
@@ -686,10 +707,12 @@ def record_headlines(figures: dict[str, Any]) -> None:
         for k in KS:
             metric = f"R@{k}"
             best = max(("dense", "bm25"), key=lambda mode: scores[mode][metric])
-            # hybrid must beat both single methods on MedQuAD; on PubMedQA it must keep dense's recall
+            # On MedQuAD hybrid must beat both single methods, as the CI test asks: strictly at R@1 and
+            # R@5, and at least tie at R@10, where a subset of 100 or 200 questions often ties. On
+            # PubMedQA it must keep dense search's recall.
             target = None
             if name.startswith("MedQuAD"):
-                target = "ratio > 1"
+                target = "ratio >= 1" if k == 10 else "ratio > 1"
             elif k == 5:
                 target = "value >= 0.98"
             record_figure("retrieval_quality", f"hybrid {metric}, {name}", scores["hybrid"][metric],

@@ -200,7 +200,7 @@ def patient_names(export: dict[str, list[dict]]) -> dict[str, list[str]]:
 
 
 def test_synthea_prompts_name_no_other_patient(synthea, export, base_model):
-    """The model sees only its own patient: no prompt of the 49 stays names another patient or id.
+    """No prompt of the 49 stays names another patient or patient id.
 
     Drafting all 49 stays is too slow for CI, so `test_synthea_drafts_match_ndjson` drafts three;
     this covers every stay's prompt, the only text the model reads.

@@ -11,7 +11,6 @@ from assistant.answer.prompt import SYSTEM_PROMPT
 
 QUESTIONS = [
     "Which antibiotic treats community-acquired pneumonia?",
-    "What blood pressure confirms hypertension?",
     "How is diabetic ketoacidosis treated in the first hour?",
 ]
 SETTINGS = GenerationSettings(max_new_tokens=24)

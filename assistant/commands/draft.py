@@ -47,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
         "--limit", type=int, metavar="N", help="draft at most N stays, earliest admission first"
     )
     draft.add_argument(
-        "--batch-size", type=int, default=8, metavar="N", help="stays per generate call (default: 8)"
+        "--batch-size", type=int, default=16, metavar="N", help="stays per generate call (default: 16)"
     )
     draft.add_argument(
         "--encounter",

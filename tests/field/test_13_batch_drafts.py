@@ -10,10 +10,13 @@ import json
 
 import pytest
 from field_helpers import run_bedside
-from test_drafting import cli_env, read_draft  # noqa: F401 - cli_env is a fixture
+from test_drafting import read_draft
 
-# short answers and note budgets keep sixteen drafts within CI time; every note above 160 tokens is cut
-MODEL_FLAGS = ["--dtype", "float32", "--device", "cpu", "--no-progress", "--max-new-tokens", "12",
+pytest_plugins = ["field_support"]
+
+# Short answers and note budgets keep sixteen drafts within CI time; every note above 160 tokens is
+# cut to fit. Scoring still reads each note whole.
+MODEL_FLAGS = ["--dtype", "float32", "--device", "cpu", "--no-progress", "--max-new-tokens", "8",
                "--note-tokens", "160"]
 
 # (patient name, condition, note length in base-model tokens)
@@ -42,7 +45,14 @@ def note_text(tokenizer, name: str, condition: str, tokens: int) -> str:
 
 
 @pytest.fixture
-def notes_file(cli_env, base_model):  # noqa: F811
+def cli_env(isolated, monkeypatch):
+    """An isolated folder without a guideline index: these drafts need no recommendations."""
+    monkeypatch.setenv("BEDSIDE_INDEX_DIR", str(isolated / "no-index"))
+    return isolated
+
+
+@pytest.fixture
+def notes_file(cli_env, base_model):
     _, tokenizer = base_model
     records = []
     for number, (name, condition, tokens) in enumerate(STAYS, 1):
@@ -60,7 +70,7 @@ def notes_file(cli_env, base_model):  # noqa: F811
     return path
 
 
-def test_batch_of_eight_equals_solo_drafts(cli_env, notes_file, base_model):  # noqa: F811
+def test_batch_of_eight_equals_solo_drafts(cli_env, notes_file, base_model):
     _, tokenizer = base_model
     batched, solo = cli_env / "batched", cli_env / "solo"
 
