@@ -157,7 +157,7 @@ def run_load(assistant: Any, requests: int = 50, clients: int = 10, warmup: int 
         try:
             connected = {name: Client(url, auth=(name, password), verbose=False)
                          for name, password in accounts.items()}
-            # warm-up: every allocation the run needs is made before memory is read
+            # warm-up: one-off costs of the first requests (code paths, adapters) fall before memory is read
             warm_client = next(iter(connected.values()))
             for number in range(warmup):
                 specialty = SPECIALTIES[number % 2]
