@@ -41,7 +41,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import REPO, git_revision, load_average, machine, record_figure, today, write_section
+from benchmarks.common import (
+    REPO,
+    git_revision,
+    load_average,
+    machine,
+    median_time,
+    record_figure,
+    today,
+    write_section,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -95,17 +104,8 @@ def measure_bandwidth(mib: int, repeats: int = 5) -> dict[str, float]:
     target = torch.empty_like(source)
     nbytes = source.numel() * 4
 
-    def best(function: Callable[[], object]) -> float:
-        function()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            function()
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    copy_s = best(lambda: target.copy_(source))
-    read_s = best(lambda: source.sum())
+    copy_s = median_time(lambda: target.copy_(source), repeats, summary=min)
+    read_s = median_time(lambda: source.sum(), repeats, summary=min)
     return {"copy_gb_s": 2 * nbytes / copy_s / 1e9, "read_gb_s": nbytes / read_s / 1e9, "mib": mib}
 
 
