@@ -25,6 +25,11 @@ PROBES = [
 # differs. Measured on this model after 20 steps at lr 2e-3: max difference 1.4e-4 on logits of
 # magnitude about 20, i.e. under 1e-5 of the largest logit. The bound allows 5e-5 of it.
 MERGE_RELATIVE_TOLERANCE = 5e-5
+# The reloaded adapter holds bit-identical weights (checked separately), yet one run of this test
+# in three gave logits that differ in the fourth decimal (magnitude about 20) from the trained model's.
+# NOTE: the cause is not confirmed; CPU matrix kernels that sum in another order for other memory
+# alignments of the two model copies would explain it. The bound allows 2e-5 of the largest logit.
+RELOAD_RELATIVE_TOLERANCE = 2e-5
 
 
 def probe_batch(tokenizer):
@@ -71,17 +76,28 @@ def test_training_writes_full_record(trained_adapters, tiny_data, model_spec):
 
 
 def test_save_load_reproduces_logits(trained_adapters, base_model):
-    from peft import PeftModel
+    from peft import PeftModel, get_peft_model_state_dict
 
     model, tokenizer = base_model
     trained = trained_adapters["cardiology"].model.eval()
     loaded = PeftModel.from_pretrained(copy.deepcopy(model), str(trained_adapters["cardiology"].output)).eval()
+
+    # the saved weights are the trained ones, bit for bit
+    trained_weights = get_peft_model_state_dict(trained)
+    loaded_weights = get_peft_model_state_dict(loaded)
+    assert trained_weights.keys() == loaded_weights.keys()
+    assert all(torch.equal(trained_weights[key], loaded_weights[key]) for key in trained_weights)
+
     batch = probe_batch(tokenizer)
     with torch.inference_mode():
         before = trained(input_ids=batch).logits
         after = loaded(input_ids=batch).logits
         plain = model(input_ids=batch).logits
-    assert torch.equal(before, after)
+    difference = (before - after).abs().max().item()
+    scale = after.abs().max().item()
+    assert difference <= RELOAD_RELATIVE_TOLERANCE * scale, \
+        f"logits before and after save/load differ by {difference:.2e} (largest logit {scale:.1f})"
+    assert torch.equal(before.argmax(-1), after.argmax(-1))
     assert not torch.allclose(after, plain, atol=1e-3)
 
     # merged into the weights: same function up to float summation order
