@@ -8,8 +8,9 @@ results are kept in `.cache/benchmarks/adapters/results.json`, and the "adapters
 docs/benchmarks.md is rendered from all parts there, so `--only` re-measures some parts and keeps
 the others' last results (each part states its own date and load). `run(quick)` is the entry point
 of `python -m benchmarks.run`. The quick preset measures serving, training and routing with fewer
-repeats and steps and skips the real-data training. It took 7 min 20 s on the 2-core development
-machine at load average 6 (one thread), so an idle machine should need well under 6 minutes.
+repeats and steps and skips the real-data training. It took 3 min 29 s on the 2-core development
+machine with one thread at load average 1.4; other jobs on the cores stretch it (an earlier version
+took 7 min 20 s at load average 6).
 The real-data part needs ../shared/data (or BEDSIDE_SHARED_DATA).
 """
 
@@ -51,10 +52,11 @@ BATCH_QUESTIONS = [
 # The training comparison: the recipe's default LoRA, two variants, and full fine-tuning.
 FULL_RUN = "full fine-tuning"
 DEFAULT_LORA_RUN = "LoRA r=16, 7 projections, dropout 0.05 (default)"
+NO_DROPOUT_LORA_RUN = "LoRA r=16, 7 projections, dropout 0"
 TRAINING_RUNS: dict[str, dict[str, Any]] = {
     FULL_RUN: {"method": "full"},
     DEFAULT_LORA_RUN: {"method": "lora"},
-    "LoRA r=16, 7 projections, dropout 0": {"method": "lora", "lora_dropout": 0.0},
+    NO_DROPOUT_LORA_RUN: {"method": "lora", "lora_dropout": 0.0},
     "LoRA r=8, q k v o, dropout 0.05": {
         "method": "lora",
         "lora_r": 8,
@@ -567,15 +569,18 @@ def bench_real(steps: int, heldout_limit: int) -> dict[str, Any]:
                 },
             )
             result = train(config, Settings(adapters_dir=workdir / "adapters", device="cpu"))
+            record = json.loads((result.output / "training.json").read_text(encoding="utf-8"))
             row = {
                 "examples": len(records),
+                # the recipe drops examples whose prompt alone fills max_seq_length
+                "train_examples_used": record["data"]["train_examples"],
                 "steps": result.metrics["steps"],
                 "seconds_per_step": result.metrics["median_step_seconds"],
                 "max_seq_length": seq,
             }
             if external is None:
-                record = json.loads((result.output / "training.json").read_text(encoding="utf-8"))
                 row.update(
+                    heldout_candidates=record["data"]["heldout_examples"],
                     heldout_examples=record["data"]["heldout_examples"],
                     base_loss=result.metrics["base_heldout_loss"],
                     adapter_loss=result.metrics["heldout_loss"],
@@ -592,7 +597,12 @@ def bench_real(steps: int, heldout_limit: int) -> dict[str, Any]:
                 with model.disable_adapter():
                     base = heldout_loss(model, tokenizer, rows, batch_size=4)
                 tuned = heldout_loss(model, tokenizer, rows, batch_size=4)
-                row.update(heldout_examples=len(rows), base_loss=base["loss"], adapter_loss=tuned["loss"])
+                row.update(
+                    heldout_candidates=len(external),
+                    heldout_examples=len(rows),
+                    base_loss=base["loss"],
+                    adapter_loss=tuned["loss"],
+                )
             results[label] = row
             result.model = None
     return results
@@ -782,8 +792,9 @@ def render_serving(serving: dict[str, Any], run: str) -> list[str]:
         "PEFT's load time does not depend on the base's size: it walks the module tree "
         f"({serving['model_modules']:,} modules with {serving['adapters_loaded']} adapters loaded) several "
         "times in Python to match target modules, build the LoRA layers, load the state dict and set "
-        "trainability, and profiling shows those walks dominate. For a base of several GB the reload grows "
-        "with its size and the adapter load does not, but no such base was measured here.",
+        "trainability. A cProfile run of `PeftModel.load_adapter` (PEFT 0.21) on this model spent most "
+        "of its time in those walks. For a base of several GB the reload grows with its size and the "
+        "adapter load does not, but no such base was measured here.",
         "",
         "### Batch of 8 requests, 32 new tokens",
         "",
@@ -861,8 +872,8 @@ def render_training(training: dict[str, Any], run: str) -> list[str]:
             "twice for full fine-tuning and once for LoRA) estimates its matrix work at about two thirds; "
             f"the profiled step measured {matmul_ratio:.2f}×. The rest of a step, {other_share:.0%} of full "
             "fine-tuning's (the log-softmax over the 49,152-word vocabulary, attention, element-wise "
-            f"operations), costs LoRA {other_ratio:.2f}× as much, so a step ratio of 0.5 is out of reach "
-            "on this model. For memory, "
+            f"operations), costs LoRA {other_ratio:.2f}× as much, because LoRA adds its own dropout masks "
+            "and element-wise work. So a step ratio of 0.5 is out of reach on this model. For memory, "
             "full fine-tuning adds gradients and two AdamW moments, 3 × 4 bytes per parameter "
             f"({optimizer_gb:.1f} GB), while autograd keeps {full['saved_activations_mb'] / 1024:.1f} GB of "
             f"activations for full fine-tuning and {lora['saved_activations_mb'] / 1024:.1f} GB for the "
@@ -872,6 +883,18 @@ def render_training(training: dict[str, Any], run: str) -> list[str]:
             "where the optimizer state alone is several times the activations.",
             "",
         ]
+        no_dropout = training.get(NO_DROPOUT_LORA_RUN)
+        if no_dropout:
+            time_ratio = no_dropout["median_step_cpu_seconds"] / full["median_step_cpu_seconds"]
+            peak_ratio = no_dropout["live_peak_rss_mb"] / full["live_peak_rss_mb"]
+            lines += [
+                f"Without LoRA dropout the same adapter takes {time_ratio:.2f}× the CPU time and "
+                f"{peak_ratio:.2f}× the peak memory of full fine-tuning. PEFT 0.21's `LoraConfig` defaults "
+                "to no dropout. bedside's recipe keeps 0.05, which the demo adapters and the FT-vs-PEFT "
+                "comparison in docs/ft-vs-peft were trained with, and `--lora-dropout 0` selects the "
+                "cheaper setting.",
+                "",
+            ]
     return lines
 
 
@@ -930,17 +953,29 @@ def render_real(real: dict[str, Any], run: str) -> list[str]:
         "LoRA r=8 on the q, k, v and o projections, learning rate 1e-3, batch 4; held-out answer-token "
         "loss (lower is better). MedQuAD (Ben Abacha & Demner-Fushman, 2019, CC BY 4.0): one source "
         "folder each, held-out split by the recipe (10%). PubMedQA (Jin et al., 2019, MIT): trained on "
-        "the 500 non-test questions with their abstracts, scored on an even spread of the test half.",
+        "the 500 non-test questions with their abstracts, scored on an even spread of the test half. "
+        "An example whose prompt alone fills the token limit has no answer token left, so the recipe "
+        "drops it from training and scoring; the table counts what was used.",
         "",
-        "| data | examples | steps | max tokens | held-out examples | base loss | adapter loss | s/step |",
+        "| data | examples (training ones used) | steps | max tokens | held-out examples scored | base loss "
+        "| adapter loss | s/step |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for label, row in real.items():
         lines.append(
-            f"| {label} | {row['examples']} | {row['steps']} | {row['max_seq_length']} | "
-            f"{row['heldout_examples']} | {row['base_loss']:.3f} | {row['adapter_loss']:.3f} | "
-            f"{row['seconds_per_step']:.1f} |"
+            f"| {label} | {row['examples']} ({row['train_examples_used']}) | {row['steps']} | "
+            f"{row['max_seq_length']} | {row['heldout_examples']} of {row['heldout_candidates']} | "
+            f"{row['base_loss']:.3f} | {row['adapter_loss']:.3f} | {row['seconds_per_step']:.1f} |"
         )
+    pubmedqa = next((row for label, row in real.items() if label.startswith("pubmedqa")), None)
+    if pubmedqa and pubmedqa["heldout_examples"] < pubmedqa["heldout_candidates"]:
+        lines += [
+            "",
+            f"PubMedQA prompts (question and abstract) often exceed {pubmedqa['max_seq_length']} tokens, so "
+            "its adapter trained on the shorter abstracts and was scored on the shorter test questions. "
+            "Its scores compare the base and the adapter on the same examples, but they do not describe "
+            "long abstracts.",
+        ]
     lines.append("")
     return lines
 
@@ -961,8 +996,12 @@ def run_metadata(quick: bool) -> dict[str, Any]:
     }
 
 
-def measure(parts: list[str], preset: Preset) -> dict[str, Any]:
-    """Measure `parts`, merge them into the saved results of the last runs, save and return them all."""
+def measure(parts: list[str], preset: Preset, save: bool = True) -> dict[str, Any]:
+    """Measure `parts`, merge them into the saved results of the last runs and return them all.
+
+    With `save` the merged results replace the saved ones after each part, so a failure later keeps
+    the parts already measured.
+    """
     from assistant.fileio import atomic_write_json
 
     results: dict[str, Any] = {}
@@ -981,7 +1020,8 @@ def measure(parts: list[str], preset: Preset) -> dict[str, Any]:
         else:
             data = bench_real(preset.real_steps, preset.real_heldout)
         results[part] = {"run": started, "data": data}
-        atomic_write_json(RESULTS, results)
+        if save:
+            atomic_write_json(RESULTS, results)
     return results
 
 
@@ -1021,7 +1061,7 @@ def main() -> None:
     parser.add_argument(
         "--no-write",
         action="store_true",
-        help="print the section only; leave docs/benchmarks.md and the summary figures alone",
+        help="print the section only; leave docs/benchmarks.md, the summary figures and saved results alone",
     )
     parser.add_argument(
         "--report-only",
@@ -1043,7 +1083,7 @@ def main() -> None:
             raise SystemExit(f"no saved results in {RESULTS}; run without --report-only first")
         results = json.loads(RESULTS.read_text(encoding="utf-8"))
     else:
-        results = measure(parts, preset)
+        results = measure(parts, preset, save=not args.no_write)
     if args.no_write:
         print(render(results))
     else:

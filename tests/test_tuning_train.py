@@ -25,7 +25,7 @@ PROBES = [
 # differs. Measured on this model after 20 steps at lr 2e-3: max difference 1.4e-4 on logits of
 # magnitude about 20, i.e. under 1e-5 of the largest logit. The bound allows 5e-5 of it.
 MERGE_RELATIVE_TOLERANCE = 5e-5
-# The reloaded adapter holds bit-identical weights (checked separately), yet one run of this test
+# The reloaded adapter has bit-identical weights (checked separately), yet one run of this test
 # in three gave logits that differ in the fourth decimal (magnitude about 20) from the trained model's.
 # NOTE: the cause is not confirmed; CPU matrix kernels that sum in another order for other memory
 # alignments of the two model copies would explain it. The bound allows 2e-5 of the largest logit.
@@ -258,7 +258,7 @@ def _report_peak(queue) -> None:
 
 
 def test_peak_rss_excludes_parent_in_spawned_process():
-    """Linux carries ru_maxrss over exec; the recorded peak must be the child's own memory."""
+    """Linux carries ru_maxrss over exec, so the recorded peak must come from the child's own memory."""
     import multiprocessing
     import resource
 
