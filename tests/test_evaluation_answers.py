@@ -6,7 +6,7 @@ import json
 from types import SimpleNamespace
 
 import pytest
-from conftest import DEMO_QUESTIONS
+from conftest import DEMO_QUESTIONS, run_cli
 
 from assistant.answer.citations import SentenceCheck
 from assistant.evaluation.answers import evaluate_answers, score_answer, summarize_answers
@@ -73,7 +73,6 @@ def test_questions_file_rejects_missing_flag(tmp_path):
 
 
 def test_eval_answers_cli_writes_report(demo_index_dir, tmp_path):
-    from conftest import run_cli
 
     questions = [json.loads(line) for line in DEMO_QUESTIONS.read_text().splitlines()]
     chosen = tmp_path / "questions.jsonl"

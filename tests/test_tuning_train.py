@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+from conftest import run_cli
 
 from assistant import models
 from assistant.errors import BedsideError, ModelError
@@ -174,7 +175,6 @@ def test_full_finetune_folder_serves_as_base(tiny_data, tmp_path, base_model, mo
 
 
 def test_cli_train_reports_bad_lines_and_registers(tmp_path, tiny_data):
-    from conftest import run_cli
 
     data = tmp_path / "data.jsonl"
     data.write_text(tiny_data["cardiology"].read_text() + "{oops\n", encoding="utf-8")
@@ -198,7 +198,6 @@ def test_cli_train_reports_bad_lines_and_registers(tmp_path, tiny_data):
 
 def test_cli_train_rejects_file_without_valid_lines(tmp_path):
     """The base path does not exist, so reaching any model load would fail with another message."""
-    from conftest import run_cli
 
     data = tmp_path / "bad.jsonl"
     data.write_text(json.dumps({"text": "plain"}) + "\n{oops\n", encoding="utf-8")

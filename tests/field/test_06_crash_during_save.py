@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import build_index
 from field_helpers import REPO, copy_demo_documents, run_bedside
 from test_index_store import assert_consistent, current_folder
 
@@ -66,7 +67,6 @@ store.IndexStore(Path(root)).remove_documents([doc_id])
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, embedder, embedder_info):
     """A three-document corpus and its index with two versions (the second adds one line)."""
-    from conftest import build_index
 
     from assistant.corpus import load_corpus
 

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import build_index
 from field_helpers import DEMO_ADAPTERS, DEMO_CORPUS, run_bedside, snapshot
 from test_bad_input import BAD_QUERIES
 
@@ -263,7 +264,6 @@ def test_audit_log_in_read_only_folder(isolated, demo_index_dir, monkeypatch):
 @pytest.fixture(scope="module")
 def small_index(tmp_path_factory, embedder, embedder_info):
     """An index of one short guideline, small enough to fit a tiny tmpfs."""
-    from conftest import build_index
 
     from assistant.corpus import load_corpus
 

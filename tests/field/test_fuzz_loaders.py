@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import build_index, make_chunker
 from field_helpers import DEMO_CORPUS, run_bedside, snapshot
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -152,7 +153,6 @@ def mutate(seed: bytes, data: st.DataObject) -> bytes:
 
 @pytest.fixture(scope="module")
 def chunker(embedder):
-    from conftest import make_chunker
 
     return make_chunker(embedder, chunk_tokens=64, overlap=8)
 
@@ -327,7 +327,6 @@ def test_fhir_ndjson_and_bundles(scratch, lines, bundle):
 
 @pytest.fixture(scope="module")
 def base_index(tmp_path_factory, embedder, embedder_info):
-    from conftest import build_index
 
     from assistant.corpus import load_corpus
 

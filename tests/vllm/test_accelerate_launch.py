@@ -10,6 +10,8 @@ import json
 
 from tests.conftest import REPO, run_cli
 
+pytest_plugins = ["vllm_support"]
+
 DATA = REPO / "corpora" / "training" / "cardiology.jsonl"
 
 

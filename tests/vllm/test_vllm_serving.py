@@ -15,6 +15,8 @@ import pytest
 
 from tests.conftest import run_cli
 
+pytest_plugins = ["vllm_support"]
+
 BASE_NAME = "SmolLM2-135M-Instruct"
 QUESTION = "How is diabetic ketoacidosis diagnosed?"
 PROMPT = [{"role": "user", "content": "What is atrial fibrillation? Answer in one sentence."}]

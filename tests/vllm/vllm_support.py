@@ -3,6 +3,10 @@
 vLLM lives in its own environment (`.venv-vllm`, or the Python named by BEDSIDE_VLLM_PYTHON). When it
 is absent these tests are skipped, so the default `make test` run stays fast; `make test-vllm` sets
 BEDSIDE_REQUIRE_VLLM=1, which turns that skip into a failure.
+
+The suite's modules load this file with `pytest_plugins = ["vllm_support"]`. It is not a conftest.py
+because pytest imports every conftest.py outside a package under the one module name `conftest`, so
+a second one would replace tests/conftest.py for the `from conftest import ...` lines elsewhere.
 """
 
 from __future__ import annotations
