@@ -29,7 +29,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import REPO, SHARED_DATA, command_line, load_average, machine, today, write_section
+from benchmarks.common import (
+    REPO,
+    SHARED_DATA,
+    command_line,
+    load_average,
+    machine,
+    median_time,
+    today,
+    write_section,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -120,17 +129,6 @@ def demo_generator() -> tuple[Any, Any, list[dict[str, Any]]]:
     return generator, registry, entries
 
 
-def median_of(function: Any, repeats: int) -> float:
-    """Median wall time in seconds of `repeats` calls after one warm-up call."""
-    function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def bench_serving(repeats: int) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -157,8 +155,8 @@ def bench_serving(repeats: int) -> dict[str, Any]:
         AutoTokenizer.from_pretrained(str(folder))
         load_weights()
 
-    results["base_load_s"] = median_of(load_base, max(3, repeats))
-    results["base_weights_load_s"] = median_of(load_weights, max(3, repeats))
+    results["base_load_s"] = median_time(load_base, max(3, repeats))
+    results["base_weights_load_s"] = median_time(load_weights, max(3, repeats))
 
     generator, registry, entries = demo_generator()
 
@@ -192,7 +190,7 @@ def bench_serving(repeats: int) -> dict[str, Any]:
         check_file_hashes(entries[0], folder)
         check_target_modules(generator.model, folder)
 
-    results["checks_ms"] = 1e3 * median_of(checks, repeats)
+    results["checks_ms"] = 1e3 * median_time(checks, repeats)
 
     # switching. A request selects its adapter per row (`adapter_names`), so nothing global changes
     # between requests. What each request pays is turning the adapter layers on and off around its
@@ -201,15 +199,15 @@ def bench_serving(repeats: int) -> dict[str, Any]:
         with generator.adapters_active():
             pass
 
-    results["switch_ms"] = 1e3 * median_of(toggle, repeats * 20)
+    results["switch_ms"] = 1e3 * median_time(toggle, repeats * 20)
     peft_model = generator.model
     results["set_adapter_ms"] = (
-        1e3 * median_of(lambda: [peft_model.set_adapter(n) for n in names[:2]], repeats * 4) / 2
+        1e3 * median_time(lambda: [peft_model.set_adapter(n) for n in names[:2]], repeats * 4) / 2
     )
     one_token = GenerationSettings(max_new_tokens=1)
     prompt = [{"role": "user", "content": BATCH_QUESTIONS[0]}]
-    same = median_of(lambda: [generator.generate(prompt, names[0], one_token) for _ in range(2)], repeats)
-    alternating = median_of(lambda: [generator.generate(prompt, n, one_token) for n in names[:2]], repeats)
+    same = median_time(lambda: [generator.generate(prompt, names[0], one_token) for _ in range(2)], repeats)
+    alternating = median_time(lambda: [generator.generate(prompt, n, one_token) for n in names[:2]], repeats)
     results["request_same_adapter_ms"] = 1e3 * same / 2
     results["request_alternating_ms"] = 1e3 * alternating / 2
 
