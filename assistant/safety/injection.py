@@ -70,7 +70,13 @@ def _sentence_around(text: str, start: int, end: int) -> tuple[int, int]:
     before = [m.end() for m in _SENTENCE_END.finditer(text, 0, start)]
     first = before[-1] if before else 0
     after = _SENTENCE_END.search(text, end)
-    last = after.end() if after and after.group(0) != "\n" else (after.start() if after else len(text))
+    if after is None:
+        last = len(text)
+    elif after.group(0) == "\n":
+        # the line break stays, so the lines around a removed sentence stay apart
+        last = after.start()
+    else:
+        last = after.end()
     while first < start and text[first].isspace():
         first += 1
     return first, last
