@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from assistant.corpus.text import jsonl_lines
 from assistant.errors import BedsideError
 
 SCHEMA = """
@@ -79,7 +80,7 @@ def parse_since(text: str) -> str:
 def read_export(text: str, fmt: str) -> list[dict[str, Any]]:
     """Parse an `AuditLog.export` output back into rows shaped like `AuditLog.rows`."""
     if fmt == "jsonl":
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        return [json.loads(line) for line in jsonl_lines(text) if line.strip()]
     if fmt == "csv":
         rows = []
         for record in csv.DictReader(io.StringIO(text, newline="")):

@@ -160,8 +160,9 @@ def _cpu_bf16_is_fast() -> bool:
     Decoding reads every weight once per token (bandwidth bound), so bf16 halves its cost on most
     CPUs. Prefill multiplies hundreds of prompt rows at once (compute bound), and on CPUs without
     native bf16 instructions (AVX2 only) bf16 is several times slower there. A RAG prompt is about
-    1,000 tokens, so on such a CPU bf16 loses overall: measured on a 2-core AVX2 machine, one cited
-    answer took 16 s in bf16 against 5.5 s in fp32.
+    1,000 tokens, so on such a CPU bf16 can lose overall even though each decoded token is cheaper.
+    Where the CPU has AVX-512 bf16 instructions the balance can go either way with load and shape,
+    which is why this measures rather than reads CPU flags.
 
     The fp32 side runs on the kernel fp32 models will use (oneDNN where `assistant.cpu_linear`
     chooses it). Each side keeps its best of five interleaved rounds, so a single burst of load from

@@ -7,11 +7,10 @@ Run from the repository root after the demo adapters exist (`adapters/README.md`
 results are kept in `.cache/benchmarks/adapters/results.json`, and the "adapters" section of
 docs/benchmarks.md is rendered from all parts there, so `--only` re-measures some parts and keeps
 the others' last results (each part states its own date and load). `run(quick)` is the entry point
-of `python -m benchmarks.run`. The quick preset measures serving, training and routing with fewer
-repeats and steps and skips the real-data training. It took 3 min 29 s on the 2-core development
-machine with one thread at load average 1.4; other jobs on the cores stretch it (an earlier version
-took 7 min 20 s at load average 6).
-The real-data part needs ../shared/data (or BEDSIDE_SHARED_DATA).
+of `python -m benchmarks.run`, which measures serving, training and routing (about 5 minutes on two
+idle cores) and leaves the real-data training (about 10 more) to this module's own command. The
+quick preset measures the same parts with fewer repeats and steps. The real-data part needs
+../shared/data (or BEDSIDE_SHARED_DATA).
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,6 +129,39 @@ def demo_generator() -> tuple[Any, Any, list[dict[str, Any]]]:
     return generator, registry, entries
 
 
+# the calls inside one adapter load whose cumulative time the section lists, as (label, function names)
+LOAD_PROFILE_CALLS = [
+    ("PEFT: inject the LoRA layers (match target modules, build layers)", ("inject_adapter",)),
+    ("PEFT: walk the module tree (`named_modules`, all calls)", ("named_modules",)),
+    ("PEFT: load the adapter's state dict into the layers", ("set_peft_model_state_dict",)),
+    ("PEFT: mark which parameters train", ("_mark_only_adapters_as_trainable",)),
+    ("bedside: checks (files, base fingerprint, hashes, target modules)",
+     ("check_adapter_files", "check_base_fingerprint", "check_file_hashes", "check_target_modules")),
+]
+
+
+def profile_adapter_load(load: Callable[[], object]) -> dict[str, float]:
+    """Cumulative milliseconds of the calls in LOAD_PROFILE_CALLS during one adapter load, under cProfile.
+
+    cProfile slows Python-heavy code, so the shares matter here more than the absolute times.
+    """
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    start = time.perf_counter()
+    load()
+    total = time.perf_counter() - start
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # {(file, line, function): (calls, primitive, tottime, cumtime, callers)}
+    profile = {"total": 1e3 * total}
+    for label, functions in LOAD_PROFILE_CALLS:
+        # a recursive function's cumulative time is counted once, at its outermost calls
+        profile[label] = 1e3 * sum(row[3] for key, row in stats.items() if key[2] in functions)
+    return profile
+
+
 def bench_serving(repeats: int) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -182,6 +215,10 @@ def bench_serving(repeats: int) -> dict[str, Any]:
         later.append(time.perf_counter() - start)
         generator.unload_adapter(entry["name"])
     results["adapter_load_s"] = statistics.median(later)
+    results["load_profile"] = profile_adapter_load(
+        lambda: load_registered_adapter(generator, registry, {**entries[0], "name": "bench-load-profiled"})
+    )
+    generator.unload_adapter("bench-load-profiled")
 
     def checks() -> None:
         folder = registry.folder(entries[0])
@@ -743,6 +780,12 @@ def render(results: dict[str, Any]) -> str:
     ):
         if results.get(part):
             lines += renderer(results[part]["data"], describe_run(results[part]["run"]))
+        elif part == "real":
+            lines += ["### Adapters trained on real data", "",
+                      "Not measured on this machine yet. `python -m benchmarks.adapters --only real` trains "
+                      "LoRA adapters on MedQuAD and PubMedQA and scores them on held-out questions (about 10 "
+                      "minutes on two idle cores); `make bench` leaves this part out to stay within 30 "
+                      "minutes.", ""]
     return "\n".join(lines)
 
 
@@ -752,6 +795,19 @@ def describe_run(run: dict[str, Any]) -> str:
         f"Measured on {run['date']}{quick} by `{run['command']}`: {run['machine']}; load average "
         f"{run['load_average']} at the start, {run['threads']} torch thread(s)."
     )
+
+
+def render_load_profile(profile: dict[str, float] | None) -> list[str]:
+    if not profile:
+        return []
+    lines = [f"One adapter load under cProfile ({profile['total']:.0f} ms in all; the profiler slows Python "
+             "code, so read the shares). Nested calls overlap: the module-tree walks happen inside the "
+             "injection and the trainability step.", "",
+             "| inside one adapter load | cumulative ms | share |", "|---|---|---|"]
+    for label, _ in LOAD_PROFILE_CALLS:
+        if label in profile:
+            lines.append(f"| {label} | {profile[label]:.0f} | {profile[label] / profile['total']:.0%} |")
+    return lines + [""]
 
 
 def render_serving(serving: dict[str, Any], run: str) -> list[str]:
@@ -790,10 +846,11 @@ def render_serving(serving: dict[str, Any], run: str) -> list[str]:
         "PEFT's load time does not depend on the base's size: it walks the module tree "
         f"({serving['model_modules']:,} modules with {serving['adapters_loaded']} adapters loaded) several "
         "times in Python to match target modules, build the LoRA layers, load the state dict and set "
-        "trainability. A cProfile run of `PeftModel.load_adapter` (PEFT 0.21) on this model spent most "
-        "of its time in those walks. For a base of several GB the reload grows with its size and the "
-        "adapter load does not, but no such base was measured here.",
+        "trainability; the profile below shows where one load's time goes. For a base of several GB "
+        "the reload grows with its size and the adapter load does not, but no such base was measured "
+        "here.",
         "",
+        *render_load_profile(serving.get("load_profile")),
         "### Batch of 8 requests, 32 new tokens",
         "",
         "| rows use | seconds | CPU seconds | generated tokens | tokens/s | tokens per CPU second |",
@@ -1028,13 +1085,17 @@ def write(results: dict[str, Any]) -> None:
     record_figures(results)
 
 
+# `make bench` must finish in 30 minutes, and training three adapters on real data takes about 10 of
+# them on two idle cores, so the suite leaves that part to `python -m benchmarks.adapters --only real`
+SUITE_PARTS = ["serving", "training", "routing"]
+
+
 def run(quick: bool) -> None:
     """Measure and write the "adapters" section of docs/benchmarks.md (the entry point of benchmarks.run).
 
-    The quick preset skips the real-data training; its last full results stay in the section.
+    The suite skips the real-data training (see SUITE_PARTS); its last results stay in the section.
     """
-    parts = ["serving", "training", "routing"] if quick else list(PARTS)
-    write(measure(parts, QUICK if quick else FULL))
+    write(measure(SUITE_PARTS, QUICK if quick else FULL))
 
 
 def main() -> None:
@@ -1075,7 +1136,7 @@ def main() -> None:
     for name in ("repeats", "train_steps", "real_steps", "real_heldout"):
         if getattr(args, name) is not None:
             setattr(preset, name, getattr(args, name))
-    parts = args.only or (["serving", "training", "routing"] if args.quick else list(PARTS))
+    parts = args.only or (SUITE_PARTS if args.quick else list(PARTS))
     if args.report_only:
         if not RESULTS.is_file():
             raise SystemExit(f"no saved results in {RESULTS}; run without --report-only first")

@@ -254,8 +254,12 @@ def _target_text(row: dict[str, Any]) -> str:
     return f"{symbol} {bound:g}" + (f" {unit}" if unit else "")
 
 
-def summary_markdown(order: Sequence[str] = (), runs: dict[str, dict[str, Any]] | None = None) -> str:
-    """Build the summary table of every recorded figure (modules in `order` first) and this run's log."""
+def summary_markdown(order: Sequence[str] = (), runs: dict[str, dict[str, Any]] | None = None,
+                     invocation: str = "") -> str:
+    """Build the summary table of every recorded figure (modules in `order` first) and this run's log.
+
+    `invocation` describes the run that wrote `runs` (command, date, machine); it heads the log table.
+    """
     figures = read_figures()
     names = [m for m in order if m in figures] + sorted(m for m in figures if m not in order)
     lines = ["## Summary", "",
@@ -282,11 +286,15 @@ def summary_markdown(order: Sequence[str] = (), runs: dict[str, dict[str, Any]] 
     if not names:
         lines.append("| — | no figures recorded yet | | | | | |")
     if runs:
-        lines += ["", "Last `benchmarks.run` invocation, one process per module:", "",
+        lines += ["", f"Last `benchmarks.run` invocation, one process per module{invocation and ': '}"
+                  f"{invocation}", "",
                   "| module | result | wall time | peak RSS |", "|---|---|---|---|"]
         for module, run in runs.items():
             lines.append(f"| {module} | {run['result']} | {run['seconds'] / 60:.1f} min | "
                          f"{run['peak_rss_mb'] / 1024:.1f} GiB |")
+        if len(runs) > 1:
+            total = sum(run["seconds"] for run in runs.values())
+            lines.append(f"| **all {len(runs)} modules** | | **{total / 60:.1f} min** | |")
     return "\n".join(lines)
 
 

@@ -62,11 +62,13 @@ SECTION = "generation"
 TARGET_BATCH1 = 0.6
 TARGET_BATCH8 = 1.0
 TARGET_TTFT_S = 1.5
-# quick fits in about 4 minutes on an idle 2-core machine; full adds repeats, longer outputs and levers
+# quick fits in about 3.5 minutes on an idle 2-core machine. Full adds longer outputs, more questions
+# and the thread-count and torch.compile levers; with 3 repeats it needs about 6 minutes of
+# `make bench`'s 30 (5 repeats took 8.6).
 QUICK = {"new_tokens": 32, "repeats": 3, "batch_sizes": [1, 4, 8, 16], "lever_batches": [1, 8],
          "ask_questions": 6, "ask_new_tokens": 24, "extra_levers": False, "bandwidth_mib": 256}
-FULL = {"new_tokens": 64, "repeats": 5, "batch_sizes": [1, 4, 8, 16], "lever_batches": [1, 8],
-        "ask_questions": 10, "ask_new_tokens": 48, "extra_levers": True, "bandwidth_mib": 512}
+FULL = {"new_tokens": 64, "repeats": 3, "batch_sizes": [1, 4, 8, 16], "lever_batches": [1, 8],
+        "ask_questions": 8, "ask_new_tokens": 32, "extra_levers": True, "bandwidth_mib": 512}
 SYSTEM = "You are a clinical decision-support assistant. Answer briefly and factually."
 # the time-to-first-token variants
 TTFT_BEFORE = "before: default kernel, no prefix reuse"
@@ -896,7 +898,7 @@ def run(quick: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.generation", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="the quick preset (about 4 minutes when idle)")
+    parser.add_argument("--quick", action="store_true", help="the quick preset (about 3.5 minutes when idle)")
     parser.add_argument("--no-write", action="store_true", help="print the section instead of writing it")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite the section from the figures the last run saved, measuring nothing")

@@ -33,7 +33,9 @@ from benchmarks.common import (
     SUMMARY_SECTION,
     clear_figures,
     load_average,
+    machine,
     summary_markdown,
+    today,
     write_section,
 )
 
@@ -120,12 +122,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     names = args.only or list(MODULES)
+    # the summary names the machine and its load, as every module's section does
+    invocation = (f"`python -m benchmarks.run{' --only ' + ' '.join(args.only) if args.only else ''}"
+                  f"{' --quick' if args.quick else ''}` on {today()}, {machine()}; load average "
+                  f"{load_average()} at the start")
     start = time.perf_counter()
     runs = {}
     for number, name in enumerate(names, 1):
         logger.info("module %d of %d: %s", number, len(names), name)
         runs[name] = launch(name, args.quick)
-    write_section(SUMMARY_SECTION, summary_markdown(list(MODULES), runs), top=True)
+    write_section(SUMMARY_SECTION, summary_markdown(list(MODULES), runs, invocation), top=True)
     failed = [name for name, run in runs.items() if run["result"] != "ok"]
     logger.info("suite finished in %.1f min; summary written to docs/benchmarks.md",
                 (time.perf_counter() - start) / 60)

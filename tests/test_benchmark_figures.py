@@ -64,8 +64,9 @@ def test_summary_lists_modules_in_order(figures_dir):
     common.record_figure("generation", "decode tokens/s", 90.0, "tokens/s", reference=150.0,
                          reference_name="llama.cpp", target="ratio >= 0.6")
     common.clear_figures("missing_module")
-    runs = {"generation": {"result": "ok", "seconds": 90.0, "peak_rss_mb": 2048.0}}
-    markdown = common.summary_markdown(["generation", "retrieval_scale"], runs)
+    runs = {"generation": {"result": "ok", "seconds": 90.0, "peak_rss_mb": 2048.0},
+            "retrieval_scale": {"result": "ok", "seconds": 30.0, "peak_rss_mb": 1024.0}}
+    markdown = common.summary_markdown(["generation", "retrieval_scale"], runs, "`make bench` on a test machine")
     lines = markdown.splitlines()
     generation = next(n for n, line in enumerate(lines) if "decode tokens/s" in line)
     retrieval = next(n for n, line in enumerate(lines) if "query p50" in line)
@@ -73,6 +74,8 @@ def test_summary_lists_modules_in_order(figures_dir):
     assert "| 0.600× | ≥ 0.6× reference | yes |" in lines[generation]
     assert "| ≤ 30 ms | **no** |" in lines[retrieval]
     assert "| generation | ok | 1.5 min | 2.0 GiB |" in markdown
+    assert "| **all 2 modules** | | **2.0 min** | |" in markdown
+    assert "one process per module: `make bench` on a test machine" in markdown
 
 
 def test_write_section_top_goes_before_first_section(figures_dir, monkeypatch):

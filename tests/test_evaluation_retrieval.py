@@ -112,7 +112,8 @@ def oracle_metrics(rankings: list[list[str]], golds: list[set[str]]) -> dict[str
     n = len(rankings)
     out = {}
     for k in (1, 5, 10):
-        out[f"recall@{k}"] = sum(sum(1 for d in r[:k] if d in g) / len(g) for r, g in zip(rankings, golds, strict=True)) / n
+        out[f"recall@{k}"] = sum(sum(1 for d in r[:k] if d in g) / len(g)
+                                 for r, g in zip(rankings, golds, strict=True)) / n
     rr = []
     nd = []
     for ranking, gold in zip(rankings, golds, strict=True):

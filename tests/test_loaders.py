@@ -137,7 +137,8 @@ def test_spl_lipitor_keeps_titles_and_table_cells():
 
     titles = [section.title for section in label.sections]
     assert "1 INDICATIONS AND USAGE > 1.2 Hyperlipidemia" in titles
-    adverse = next(s for s in label.sections if s.title == "6 ADVERSE REACTIONS > 6.1 Clinical Trial Adverse Experiences")
+    adverse = next(s for s in label.sections
+                   if s.title == "6 ADVERSE REACTIONS > 6.1 Clinical Trial Adverse Experiences")
     assert "| Nasopharyngitis | 8.3 | 12.9 | 5.3 | 7.0 | 4.2 | 8.2 |" in adverse.text
     # <br/> inside a header cell separates words instead of gluing them
     assert "| Any dose N=8755 |" in adverse.text

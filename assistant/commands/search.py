@@ -27,13 +27,13 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
 
 def read_queries(path: Path) -> list[str]:
     """Read one query a line, or JSONL with a `query` field; every query is validated with its line number."""
-    from assistant.corpus.text import read_utf8
+    from assistant.corpus.text import jsonl_lines, read_utf8
     from assistant.retrieval import validate_query
 
     if not path.is_file():
         raise BedsideError(f"queries file {str(path)!r} not found")
     queries = []
-    for number, line in enumerate(read_utf8(path).splitlines(), 1):
+    for number, line in enumerate(jsonl_lines(read_utf8(path)), 1):
         if not line.strip():
             continue
         if line.lstrip().startswith("{"):

@@ -23,7 +23,7 @@ from defusedxml.common import DefusedXmlException
 from tqdm.auto import tqdm
 
 from assistant.corpus.document import Document, Section
-from assistant.corpus.text import collapse_whitespace, markdown_table, normalize_date, read_utf8
+from assistant.corpus.text import collapse_whitespace, jsonl_lines, markdown_table, normalize_date, read_utf8
 from assistant.errors import CorpusError
 
 logger = logging.getLogger(__name__)
@@ -455,9 +455,7 @@ def _spl(root: Element, path: Path) -> Document:
 
 def iter_jsonl(path: Path) -> Iterable[tuple[int, dict | None, str | None]]:
     """Yield (line number, object or None, problem or None) for each non-blank line."""
-    # JSONL separates records by "\n" alone; str.splitlines() would also split inside a record at
-    # U+2028, U+2029 or \x85, which JSON strings may hold unescaped
-    for number, line in enumerate(read_utf8(path).split("\n"), 1):
+    for number, line in enumerate(jsonl_lines(read_utf8(path)), 1):
         if not line.strip():
             continue
         try:

@@ -2,8 +2,9 @@
 
 `run_compare` reads top to bottom. It validates the settings, prepares the training file (with
 canaries) and scores the untrained base. Then it trains each method with the `bedside train`
-recipe in a fresh process and scores its artifact, and finally it writes the report. Training runs in a child process so
-its peak RSS (`ru_maxrss`) belongs to that method alone rather than to whatever ran before it.
+recipe in a fresh process and scores its artifact, and finally it writes the report. Training runs in a
+child process so its peak resident memory (VmHWM, see `assistant.tuning.recipes.peak_rss_mb`) belongs to
+that method alone rather than to whatever ran before it.
 
 Every method gets the same examples in the same seeded order, the same number of optimizer steps,
 the same batch size and the same maximum sequence length, so each sees the same tokens; only the
@@ -27,6 +28,7 @@ from typing import Any
 
 from assistant import __version__, models
 from assistant.config import Settings
+from assistant.corpus.text import jsonl_lines
 from assistant.errors import BedsideError
 from assistant.evaluation import canaries as canary_lib
 from assistant.evaluation.datasets import spread
@@ -118,8 +120,7 @@ def sha256_file(path: Path) -> str:
 
 def prepare_training_file(config: CompareConfig, out: Path) -> tuple[Path, list[canary_lib.Canary]]:
     """Copy the training lines with the canaries inserted; the original file is not changed."""
-    # split on "\n" only: str.splitlines() would also split inside a JSON string holding U+2028
-    lines = [_ascii_line(line) for line in Path(config.data).read_text(encoding="utf-8").split("\n")
+    lines = [_ascii_line(line) for line in jsonl_lines(Path(config.data).read_text(encoding="utf-8"))
              if line.strip()]
     canaries = canary_lib.make_canaries(config.seed) if config.canary_repeats else []
     mixed = canary_lib.insert_canaries(lines, canaries, config.canary_repeats, config.seed)

@@ -16,9 +16,11 @@ INJECTION_PATTERNS: dict[str, re.Pattern[str]] = {
         r"\b(ignore|disregard|forget|override)\b[^.\n]{0,40}\b(previous|prior|earlier|above|all|any|system)\b"
         r"[^.\n]{0,20}\b(rules?|instructions?|prompts?|directions?|guidance)\b", re.I),
     "role_change": re.compile(r"\b(you are now|act as|pretend to be|new instructions?:|system prompt)\b", re.I),
-    "output_format": re.compile(r"\b(answer|respond|reply|output)\b[^.\n]{0,20}\b(in|as|with)\s+(json|xml|yaml|code)\b", re.I),
+    "output_format": re.compile(
+        r"\b(answer|respond|reply|output)\b[^.\n]{0,20}\b(in|as|with)\s+(json|xml|yaml|code)\b", re.I),
     "denial": re.compile(r"\bsay\b[^.\n]{0,30}\bno\b[^.\n]{0,30}\b(allerg\w*|contraindications?|documented)\b", re.I),
-    "exfiltration": re.compile(r"\b(reveal|print|repeat|show)\b[^.\n]{0,30}\b(system prompt|instructions|password|api key)\b", re.I),
+    "exfiltration": re.compile(
+        r"\b(reveal|print|repeat|show)\b[^.\n]{0,30}\b(system prompt|instructions|password|api key)\b", re.I),
 }
 # Written where a planted instruction was, so the model sees that something was taken out.
 REMOVED_INSTRUCTION = "[instruction aimed at the model removed by bedside]"

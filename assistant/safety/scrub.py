@@ -77,7 +77,8 @@ class Scrubber:
         registry.load_predefined_recognizers(languages=["en"], nlp_engine=engine)
         registry.add_recognizer(PatternRecognizer(
             supported_entity="MEDICAL_RECORD_NUMBER",
-            patterns=[Pattern("mrn", r"\b(?:MRN|medical record(?: number)?|record no\.?)[:#\s]*[A-Z]{0,3}\d{5,12}\b", 0.9)],
+            patterns=[Pattern("mrn", r"\b(?:MRN|medical record(?: number)?|record no\.?)"
+                                     r"[:#\s]*[A-Z]{0,3}\d{5,12}\b", 0.9)],
         ))
         registry.add_recognizer(PatternRecognizer(
             supported_entity="STREET_ADDRESS",
@@ -148,15 +149,14 @@ def scrub_jsonl(text: str, source: str, report: ScrubReport,
     """
     import json
 
+    from assistant.corpus.text import jsonl_lines
     from assistant.errors import BedsideError
 
     def scrub(value: str) -> str:
         return scrub_text(value, report)
 
     lines = []
-    # records end at "\n" only; str.splitlines() would cut a record at U+2028 inside a string
-    for number, line in enumerate(text.removesuffix("\n").split("\n"), 1):
-        line = line.removesuffix("\r")
+    for number, line in enumerate(jsonl_lines(text.removesuffix("\n")), 1):
         if not line.strip():
             lines.append(line)
             continue

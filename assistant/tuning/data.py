@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from assistant.corpus.text import jsonl_lines
 from assistant.errors import BedsideError
 
 logger = logging.getLogger(__name__)
@@ -120,10 +121,7 @@ def load_examples(path: Path) -> DataReport:
                            "re-save it as UTF-8") from err
 
     report = DataReport(path=path, sha256=hashlib.sha256(raw).hexdigest())
-    # JSONL separates records by "\n" alone. str.splitlines() would also split at U+2028, U+2029, \x85
-    # and other separators that JSON strings may hold unescaped, cutting a valid record in two.
-    for number, line in enumerate(text.split("\n"), 1):
-        line = line.removesuffix("\r")
+    for number, line in enumerate(jsonl_lines(text), 1):
         if not line.strip():
             continue
         try:

@@ -311,7 +311,8 @@ def setup_lora(model: Any, config: TrainConfig) -> Any:
     matched = [n for n in names if any(n == t or n.endswith("." + t) for t in targets)]
     if not matched:
         raise BedsideError(f"--target-modules {', '.join(targets)} matched 0 of {len(names)} modules in the base "
-                           f"model; module names look like {', '.join(sorted({n.rsplit('.', 1)[-1] for n in names})[:12])}")
+                           f"model; module names look like "
+                           f"{', '.join(sorted({n.rsplit('.', 1)[-1] for n in names})[:12])}")
     return get_peft_model(model, lora_config)
 
 
@@ -365,7 +366,8 @@ SAVERS = {"lora": save_adapter, "qlora": save_adapter, "full": save_full_model}
 
 
 def check_no_pickled_files(folder: Path) -> None:
-    pickled = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.suffix in models.PICKLED_WEIGHT_SUFFIXES)
+    pickled = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                     if p.suffix in models.PICKLED_WEIGHT_SUFFIXES)
     if pickled:
         raise BedsideError(f"the output folder would contain pickled files ({', '.join(pickled)}); nothing was "
                            "saved. Report this as a bug")
