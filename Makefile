@@ -51,7 +51,7 @@ $(VENV)/.installed-bench: $(VENV)/.installed-dev
 		|| echo "llama-cpp-python did not install; benchmarks/generation.py runs without its reference"
 	touch $@
 
-bench: $(VENV)/.installed-bench
+bench: $(VENV)/.installed-bench index/CURRENT
 	$(BIN)/python -m benchmarks.run
 
 lint: $(VENV)/.installed-dev
