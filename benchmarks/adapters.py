@@ -1085,8 +1085,8 @@ def write(results: dict[str, Any]) -> None:
     record_figures(results)
 
 
-# `make bench` must finish in 30 minutes, and training three adapters on real data takes about 10 of
-# them on two idle cores, so the suite leaves that part to `python -m benchmarks.adapters --only real`
+# `make bench` must finish in 30 minutes, and training on real data takes about 10 of them on two
+# idle cores. So the suite leaves that part to `python -m benchmarks.adapters --only real`.
 SUITE_PARTS = ["serving", "training", "routing"]
 
 

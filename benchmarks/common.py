@@ -258,7 +258,7 @@ def summary_markdown(order: Sequence[str] = (), runs: dict[str, dict[str, Any]] 
                      invocation: str = "") -> str:
     """Build the summary table of every recorded figure (modules in `order` first) and this run's log.
 
-    `invocation` describes the run that wrote `runs` (command, date, machine); it heads the log table.
+    `invocation` describes the run that wrote `runs` (command, date, machine) and heads the log table.
     """
     figures = read_figures()
     names = [m for m in order if m in figures] + sorted(m for m in figures if m not in order)

@@ -33,9 +33,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_INPUT = SHARED_DATA / "synthea_fhir"
 RESULTS = REPO / ".cache" / "benchmarks" / "drafting" / "results.json"
 TARGET_SPEEDUP = 4.0
-# full and quick runs; quick is one batch of 16 and one-at-a-time runs of the same 16 stays. Full adds
-# batch sizes 4 and 8 to show how throughput grows with the batch, in about 4 minutes on two idle
-# cores; 32 stays at batch 8 and 16 took 6, mostly the one-at-a-time loop.
+# Quick drafts 16 stays one at a time and in one batch of 16. Full adds batch sizes 4 and 8, which
+# show how throughput grows with the batch, in about 4 minutes on two idle cores (32 stays at batch
+# 8 and 16 took 6, mostly the one-at-a-time loop).
 FULL = {"stays": 16, "batch_sizes": [4, 8, 16], "max_new_tokens": 200}
 QUICK = {"stays": 16, "batch_sizes": [16], "max_new_tokens": 200}
 

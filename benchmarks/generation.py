@@ -62,9 +62,9 @@ SECTION = "generation"
 TARGET_BATCH1 = 0.6
 TARGET_BATCH8 = 1.0
 TARGET_TTFT_S = 1.5
-# quick fits in about 3.5 minutes on an idle 2-core machine. Full adds longer outputs, more questions
-# and the thread-count and torch.compile levers; with 3 repeats it needs about 6 minutes of
-# `make bench`'s 30 (5 repeats took 8.6).
+# Quick fits in about 3.5 minutes on an idle 2-core machine. Full adds longer outputs, more questions
+# and the thread-count and torch.compile levers. With 3 repeats it takes about 6 of `make bench`'s
+# 30 minutes (5 repeats took 8.6).
 QUICK = {"new_tokens": 32, "repeats": 3, "batch_sizes": [1, 4, 8, 16], "lever_batches": [1, 8],
          "ask_questions": 6, "ask_new_tokens": 24, "extra_levers": False, "bandwidth_mib": 256}
 FULL = {"new_tokens": 64, "repeats": 3, "batch_sizes": [1, 4, 8, 16], "lever_batches": [1, 8],
