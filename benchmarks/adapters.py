@@ -927,8 +927,12 @@ def render_training(training: dict[str, Any], run: str) -> list[str]:
             "twice for full fine-tuning and once for LoRA) estimates its matrix work at about two thirds; "
             f"the profiled step measured {matmul_ratio:.2f}×. The rest of a step, {other_share:.0%} of full "
             "fine-tuning's (the log-softmax over the 49,152-word vocabulary, attention, element-wise "
-            f"operations), costs LoRA {other_ratio:.2f}× as much, because LoRA adds its own dropout masks "
-            "and element-wise work. So a step ratio of 0.5 is out of reach on this model. For memory, "
+            f"operations), costs LoRA {other_ratio:.2f}× as much"
+            + (", because LoRA adds its own dropout masks and element-wise work" if other_ratio > 1 else
+               ": it saves little there, because that work does not depend on which weights train")
+            + ". So a step ratio of 0.5 is out of reach on this model. The profiler times each operator on "
+            "the thread that calls it, while the CPU seconds above add up every thread's time, so with "
+            "two threads the two ratios can differ. For memory, "
             "full fine-tuning adds gradients and two AdamW moments, 3 × 4 bytes per parameter "
             f"({optimizer_gb:.1f} GB), while autograd keeps {full['saved_activations_mb'] / 1024:.1f} GB of "
             f"activations for full fine-tuning and {lora['saved_activations_mb'] / 1024:.1f} GB for the "

@@ -217,20 +217,26 @@ def run(quick: bool) -> None:
 
 
 def record_headlines(figures: dict[str, Any]) -> None:
-    """Record each batch size's drafts/min and tokens/s against one at a time for the benchmark summary."""
+    """Record each batch size's drafts/min and tokens/s against one at a time for the benchmark summary.
+
+    The 4× target belongs to the batch size `bedside draft-discharge` uses by default. Smaller batches
+    show how throughput grows and carry no target.
+    """
+    from assistant.drafting import DraftOptions
     from benchmarks.common import record_figure
 
     solo = figures["runs"]["1"]
     for batch_size in (int(key) for key in figures["runs"] if key != "1"):
         row = figures["runs"][str(batch_size)]
+        target = f"ratio >= {TARGET_SPEEDUP:g}" if batch_size == DraftOptions().batch_size else None
         note = f"{row['identical']} of {row['drafted']} drafts equal to one at a time"
         record_figure("drafting", f"drafts/min, batch {batch_size}", row["drafts_per_minute"], "drafts/min",
                       reference=solo["drafts_per_minute"], reference_name="one at a time",
-                      target=f"ratio >= {TARGET_SPEEDUP:g}", note=note)
+                      target=target, note=note)
         record_figure("drafting", f"generated tokens/s, batch {batch_size}",
                       row["generated_tokens_per_second"], "tokens/s",
                       reference=solo["generated_tokens_per_second"], reference_name="one at a time",
-                      target=f"ratio >= {TARGET_SPEEDUP:g}")
+                      target=target)
 
 
 def _save_and_write(figures: dict[str, Any], write: bool) -> None:
