@@ -16,8 +16,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from assistant.corpus.text import jsonl_lines
 from assistant.errors import BedsideError
+from assistant.jsonl import jsonl_lines
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS answers (

@@ -122,10 +122,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     names = args.only or list(MODULES)
+    command = "python -m benchmarks.run"
+    if args.only:
+        command += " --only " + " ".join(args.only)
+    if args.quick:
+        command += " --quick"
     # the summary names the machine and its load, as every module's section does
-    invocation = (f"`python -m benchmarks.run{' --only ' + ' '.join(args.only) if args.only else ''}"
-                  f"{' --quick' if args.quick else ''}` on {today()}, {machine()}; load average "
-                  f"{load_average()} at the start")
+    invocation = f"`{command}` on {today()}, {machine()}; load average {load_average()} at the start"
     start = time.perf_counter()
     runs = {}
     for number, name in enumerate(names, 1):

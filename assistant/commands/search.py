@@ -27,7 +27,8 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
 
 def read_queries(path: Path) -> list[str]:
     """Read one query a line, or JSONL with a `query` field; every query is validated with its line number."""
-    from assistant.corpus.text import jsonl_lines, read_utf8
+    from assistant.corpus.text import read_utf8
+    from assistant.jsonl import jsonl_lines
     from assistant.retrieval import validate_query
 
     if not path.is_file():

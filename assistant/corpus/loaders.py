@@ -23,8 +23,9 @@ from defusedxml.common import DefusedXmlException
 from tqdm.auto import tqdm
 
 from assistant.corpus.document import Document, Section
-from assistant.corpus.text import collapse_whitespace, jsonl_lines, markdown_table, normalize_date, read_utf8
+from assistant.corpus.text import collapse_whitespace, markdown_table, normalize_date, read_utf8
 from assistant.errors import CorpusError
+from assistant.jsonl import jsonl_lines
 
 logger = logging.getLogger(__name__)
 

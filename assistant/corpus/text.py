@@ -1,4 +1,4 @@
-"""Helpers shared by the loaders: strict decoding, JSONL lines, dates, and Markdown tables."""
+"""Helpers shared by the loaders: strict decoding, dates, and Markdown tables."""
 
 from __future__ import annotations
 
@@ -20,15 +20,6 @@ def read_utf8(path: Path) -> str:
             "re-save it as UTF-8"
         ) from err
     return text.lstrip("\ufeff")
-
-
-def jsonl_lines(text: str) -> list[str]:
-    """Split JSONL text into its lines, each without its line end.
-
-    JSONL separates records by "\n" alone. str.splitlines() would also split at U+2028, U+2029, \x85
-    and other separators that JSON strings may hold unescaped, cutting a valid record in two.
-    """
-    return [line.removesuffix("\r") for line in text.split("\n")]
 
 
 def normalize_date(value: object, path: Path | str = "") -> str | None:

@@ -28,7 +28,6 @@ from typing import Any
 
 from assistant import __version__, models
 from assistant.config import Settings
-from assistant.corpus.text import jsonl_lines
 from assistant.errors import BedsideError
 from assistant.evaluation import canaries as canary_lib
 from assistant.evaluation.datasets import spread
@@ -42,6 +41,7 @@ from assistant.evaluation.scoring import (
     text_perplexity,
 )
 from assistant.fileio import atomic_write_text
+from assistant.jsonl import jsonl_lines
 
 logger = logging.getLogger(__name__)
 

@@ -149,8 +149,8 @@ def scrub_jsonl(text: str, source: str, report: ScrubReport,
     """
     import json
 
-    from assistant.corpus.text import jsonl_lines
     from assistant.errors import BedsideError
+    from assistant.jsonl import jsonl_lines
 
     def scrub(value: str) -> str:
         return scrub_text(value, report)

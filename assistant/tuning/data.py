@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from assistant.corpus.text import jsonl_lines
 from assistant.errors import BedsideError
+from assistant.jsonl import jsonl_lines
 
 logger = logging.getLogger(__name__)
 
