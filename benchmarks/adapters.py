@@ -129,14 +129,18 @@ def demo_generator() -> tuple[Any, Any, list[dict[str, Any]]]:
     return generator, registry, entries
 
 
-# the calls inside one adapter load whose cumulative time the section lists, as (label, function names)
+# the calls inside one adapter load into a free slot whose cumulative time the section lists, as
+# (label, function names)
 LOAD_PROFILE_CALLS = [
-    ("PEFT: inject the LoRA layers (match target modules, build layers)", ("inject_adapter",)),
-    ("PEFT: walk the module tree (`named_modules`, all calls)", ("named_modules",)),
-    ("PEFT: load the adapter's state dict into the layers", ("set_peft_model_state_dict",)),
-    ("PEFT: mark which parameters train", ("_mark_only_adapters_as_trainable",)),
-    ("bedside: checks (files, base fingerprint, hashes, target modules)",
-     ("check_adapter_files", "check_base_fingerprint", "check_file_hashes", "check_target_modules")),
+    ("bedside: adapter folder check (files present, no pickled weights)", ("check_adapter_files",)),
+    ("bedside: base fingerprint check", ("check_base_fingerprint",)),
+    ("bedside: sha256 of the config and weights files against the registry", ("check_file_hashes",)),
+    ("bedside: adapter_config.json read with PEFT's config class", ("read_adapter_config",)),
+    ("bedside: target modules matched against the cached module names", ("check_target_modules",)),
+    ("safetensors: read the adapter's tensors", ("load_file",)),
+    ("bedside: keys and shapes checked against the slot", ("_state_mismatch",)),
+    ("torch: tensors copied into the slot's parameters", ("_copy_state",)),
+    ("PEFT: inject new LoRA layers (0 when a free slot is reused)", ("inject_adapter",)),
 ]
 
 
@@ -169,11 +173,13 @@ def bench_serving(repeats: int) -> dict[str, Any]:
     from assistant import models
     from assistant.answer.generation import GenerationSettings
     from assistant.tuning.loading import (
+        candidate_module_names,
         check_adapter_files,
         check_base_fingerprint,
         check_file_hashes,
         check_target_modules,
         load_registered_adapter,
+        read_adapter_config,
     )
 
     results: dict[str, Any] = {}
@@ -207,25 +213,47 @@ def bench_serving(repeats: int) -> dict[str, Any]:
     names = [e["name"] for e in entries]
     results["adapters_loaded"] = len(names)
     results["model_modules"] = sum(1 for _ in generator.model.modules())
-    later = []
-    for attempt in range(repeats):
-        entry = {**entries[attempt % len(entries)], "name": f"bench-load-{attempt}"}
-        start = time.perf_counter()
-        load_registered_adapter(generator, registry, entry)
-        later.append(time.perf_counter() - start)
-        generator.unload_adapter(entry["name"])
-    results["adapter_load_s"] = statistics.median(later)
+
+    def load_beside(label: str) -> list[float]:
+        """Load a new name beside the loaded adapters and unload it, `repeats` times; seconds per load."""
+        seconds = []
+        for attempt in range(repeats):
+            entry = {**entries[attempt % len(entries)], "name": f"bench-load-{label}-{attempt}"}
+            start = time.perf_counter()
+            load_registered_adapter(generator, registry, entry)
+            seconds.append(time.perf_counter() - start)
+            if generator.last_load_reused_slot != (label == "slot"):
+                raise RuntimeError(f"adapter load {attempt} of the {label!r} figure took the other path")
+            generator.unload_adapter(entry["name"])
+        return seconds
+
+    # With no free slot kept, each unload deletes the adapter's layers, so every load injects new
+    # LoRA layers with PEFT: the first load of an adapter with a new LoRA shape.
+    max_free_slots = generator.max_free_adapter_slots
+    generator.max_free_adapter_slots = 0
+    results["adapter_inject_load_s"] = statistics.median(load_beside("inject"))
+    # A server that loads and unloads adapters of one shape: after the first unload, each load
+    # copies the weights into the free slot the previous unload left.
+    generator.max_free_adapter_slots = max_free_slots
+    load_registered_adapter(generator, registry, {**entries[0], "name": "bench-load-first"})
+    generator.unload_adapter("bench-load-first")
+    results["adapter_load_s"] = statistics.median(load_beside("slot"))
+    results["max_free_adapter_slots"] = max_free_slots
     results["load_profile"] = profile_adapter_load(
         lambda: load_registered_adapter(generator, registry, {**entries[0], "name": "bench-load-profiled"})
     )
+    results["load_profile_reused_slot"] = generator.last_load_reused_slot
     generator.unload_adapter("bench-load-profiled")
+
+    # the checks as a load runs them, with the module names collected once per generator
+    candidates = candidate_module_names(generator.model)
 
     def checks() -> None:
         folder = registry.folder(entries[0])
         check_adapter_files(folder)
         check_base_fingerprint(entries[0], generator.model_fingerprint)
         check_file_hashes(entries[0], folder)
-        check_target_modules(generator.model, folder)
+        check_target_modules(generator.model, folder, config=read_adapter_config(folder), candidates=candidates)
 
     results["checks_ms"] = 1e3 * median_time(checks, repeats)
 
@@ -238,8 +266,9 @@ def bench_serving(repeats: int) -> dict[str, Any]:
 
     results["switch_ms"] = 1e3 * median_time(toggle, repeats * 20)
     peft_model = generator.model
+    peft_names = generator.peft_adapter_names(names[:2])
     results["set_adapter_ms"] = (
-        1e3 * median_time(lambda: [peft_model.set_adapter(n) for n in names[:2]], repeats * 4) / 2
+        1e3 * median_time(lambda: [peft_model.set_adapter(n) for n in peft_names], repeats * 4) / 2
     )
     one_token = GenerationSettings(max_new_tokens=1)
     prompt = [{"role": "user", "content": BATCH_QUESTIONS[0]}]
@@ -674,7 +703,7 @@ def headline(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "target": f"value <= {TARGETS['switch_ms']:g}",
             },
             {
-                "name": "adapter load, beside loaded adapters",
+                "name": "adapter load into a free slot, beside loaded adapters",
                 "value": 1e3 * serving["adapter_load_s"],
                 "unit": "ms",
                 "reference": 1e3 * serving["base_load_s"],
@@ -797,17 +826,49 @@ def describe_run(run: dict[str, Any]) -> str:
     )
 
 
-def render_load_profile(profile: dict[str, float] | None) -> list[str]:
+def render_load_profile(profile: dict[str, float] | None, reused_slot: bool | None) -> list[str]:
     if not profile:
         return []
-    lines = [f"One adapter load under cProfile ({profile['total']:.0f} ms in all; the profiler slows Python "
-             "code, so read the shares). Nested calls overlap: the module-tree walks happen inside the "
-             "injection and the trainability step.", "",
+    kind = "into a free slot" if reused_slot else "that injected new LoRA layers"
+    lines = [f"One adapter load {kind} under cProfile ({profile['total']:.0f} ms in all; the profiler slows "
+             "Python code, so read the shares).", "",
              "| inside one adapter load | cumulative ms | share |", "|---|---|---|"]
     for label, _ in LOAD_PROFILE_CALLS:
         if label in profile:
-            lines.append(f"| {label} | {profile[label]:.0f} | {profile[label] / profile['total']:.0%} |")
+            lines.append(f"| {label} | {profile[label]:.1f} | {profile[label] / profile['total']:.0%} |")
     return lines + [""]
+
+
+def render_load_rows(serving: dict[str, Any]) -> list[str]:
+    """Rows of the loading table for one more adapter beside the loaded ones, into a slot and injected."""
+    beside = f"beside {serving['adapters_loaded']} loaded ones"
+    if "adapter_inject_load_s" not in serving:
+        # results saved before adapter slots existed measured PEFT's load only
+        return [f"| load one more adapter {beside} (checks + PEFT load) | {1e3 * serving['adapter_load_s']:.0f} ms |"]
+    return [
+        f"| load one more adapter {beside} into a free slot (checks + copy of the weights) | "
+        f"{1e3 * serving['adapter_load_s']:.1f} ms |",
+        f"| load one more adapter {beside}, injecting new LoRA layers (checks + PEFT load) | "
+        f"{1e3 * serving['adapter_inject_load_s']:.0f} ms |",
+    ]
+
+
+def render_load_ratio(serving: dict[str, Any]) -> str:
+    base = serving["base_load_s"]
+    text = (f"Loading an adapter into a free slot takes {serving['adapter_load_s'] / base:.3f}× the time of "
+            f"reloading the base (target ≤ {TARGETS['load_ratio']})")
+    if "adapter_inject_load_s" not in serving:
+        return f"Loading an adapter takes {serving['adapter_load_s'] / base:.2f}× the time of reloading the base " \
+               f"(target ≤ {TARGETS['load_ratio']}). "
+    return (
+        f"{text}, and one that injects new LoRA layers {serving['adapter_inject_load_s'] / base:.2f}×. "
+        "Unloading an adapter while others stay loaded keeps its LoRA layers as a free slot (at most "
+        f"{serving.get('max_free_adapter_slots', 2)}), and the next adapter with the same LoRA shape "
+        "(rank, alpha, target modules and the other shape fields of adapter_config.json) is copied into "
+        "that slot's parameters instead of PEFT building new layers. The slot figure is "
+        "the steady state of a server that loads and unloads adapters of one shape; the first adapter of "
+        "a new shape still goes through PEFT's injection. "
+    )
 
 
 def render_serving(serving: dict[str, Any], run: str) -> list[str]:
@@ -823,8 +884,7 @@ def render_serving(serving: dict[str, Any], run: str) -> list[str]:
         f"| of which the weights alone | {1e3 * serving['base_weights_load_s']:.0f} ms |",
         f"| load the first adapter (checks + PEFT load, wrapping the base) | "
         f"{1e3 * serving['first_adapter_load_s']:.0f} ms |",
-        f"| load one more adapter beside {serving['adapters_loaded']} loaded ones (checks + PEFT load) | "
-        f"{1e3 * serving['adapter_load_s']:.0f} ms |",
+        *render_load_rows(serving),
         "| of which bedside's checks (fingerprint, file hashes, target modules) | "
         f"{serving['checks_ms']:.1f} ms |",
         "| switch between loaded adapters: a request's adapter layers on and off | "
@@ -840,17 +900,17 @@ def render_serving(serving: dict[str, Any], run: str) -> list[str]:
         "state: the 1-token rows differ only by noise, and the per-request cost is flipping the "
         "adapter layers' enable flag around the generate call.",
         "",
-        f"Loading an adapter takes {serving['adapter_load_s'] / serving['base_load_s']:.2f}× the time of "
-        f"reloading the base (target ≤ {TARGETS['load_ratio']}). The base is small (135M parameters, 540 MB "
-        "in fp32) and its safetensors file is memory-mapped from the page cache, so a reload copies little. "
-        "PEFT's load time does not depend on the base's size: it walks the module tree "
-        f"({serving['model_modules']:,} modules with {serving['adapters_loaded']} adapters loaded) several "
-        "times in Python to match target modules, build the LoRA layers, load the state dict and set "
-        "trainability; the profile below shows where one load's time goes. For a base of several GB "
-        "the reload grows with its size and the adapter load does not, but no such base was measured "
-        "here.",
+        render_load_ratio(serving)
+        + "The base is small (135M parameters, 540 MB in fp32) and its safetensors file is memory-mapped "
+        "from the page cache, so a reload copies little. PEFT's injection does not depend on the base's "
+        f"size: it walks the module tree ({serving['model_modules']:,} modules with "
+        f"{serving['adapters_loaded']} adapters loaded) several times in Python to match target modules, "
+        "build the LoRA layers, load the state dict and set trainability. A load into a slot reads and "
+        "copies only the adapter's own tensors; the profile below shows where its time goes. For a base "
+        "of several GB the reload grows with its size and the adapter load does not, but no such base "
+        "was measured here.",
         "",
-        *render_load_profile(serving.get("load_profile")),
+        *render_load_profile(serving.get("load_profile"), serving.get("load_profile_reused_slot")),
         "### Batch of 8 requests, 32 new tokens",
         "",
         "| rows use | seconds | CPU seconds | generated tokens | tokens/s | tokens per CPU second |",

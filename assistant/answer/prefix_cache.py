@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from assistant.answer.generation import BASE_ROUTE, GenerationSettings, LocalGenerator
+from assistant.answer.generation import GenerationSettings, LocalGenerator
 from assistant.errors import ModelError
 
 logger = logging.getLogger(__name__)
@@ -132,11 +132,9 @@ class SharedPrefixGenerator:
         input_ids = torch.tensor([self.prefix_ids + [pad] * (width - len(r)) + r for r in rests])
         attention = torch.tensor([[1] * prefix + [0] * (width - len(r)) + [1] * len(r) for r in rests])
 
-        unknown = sorted({a for a in adapters if a and a not in generator.adapters})
-        if unknown:
-            raise ModelError(
-                f"adapter(s) {unknown} are not loaded; loaded: {sorted(generator.adapters) or 'none'}")
-        adapter_kwargs = {"adapter_names": [a or BASE_ROUTE for a in adapters]} if generator.adapters else {}
+        # PEFT names each adapter by its slot inside the model, and the mapping rejects unloaded adapters
+        peft_names = generator.peft_adapter_names(adapters)
+        adapter_kwargs = {"adapter_names": peft_names} if generator.adapters else {}
 
         # this path brings its own cache, and generate rejects a cache together with cache_implementation
         generate_kwargs = settings.generate_kwargs(tokenizer)
@@ -170,7 +168,7 @@ class SharedPrefixGenerator:
             if len(self._prefix_kv) > 32:
                 self._prefix_kv.clear()
             ids = torch.tensor([self.prefix_ids], dtype=torch.long, device=next(model.parameters()).device)
-            kwargs = {"adapter_names": [adapter or BASE_ROUTE]} if self.generator.adapters else {}
+            kwargs = {"adapter_names": self.generator.peft_adapter_names([adapter])} if self.generator.adapters else {}
             output = model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs)
             cache = output.cache if hasattr(output, "cache") else output.past_key_values
             self._prefix_kv[key] = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]

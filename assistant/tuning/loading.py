@@ -61,16 +61,29 @@ def candidate_module_names(model: Any) -> list[str]:
     return names
 
 
-def check_target_modules(model: Any, folder: Path) -> int:
-    """Count the modules the adapter's target_modules match in `model`; raise when none match."""
+def read_adapter_config(folder: Path) -> Any:
+    """Read the folder's adapter_config.json as PEFT's config class for its `peft_type`."""
     from peft import PeftConfig
-    from peft.tuners.tuners_utils import _ExcludedModule, check_target_module_exists
 
     try:
-        config = PeftConfig.from_pretrained(str(folder))
+        return PeftConfig.from_pretrained(str(folder))
     except (OSError, ValueError, TypeError, json.JSONDecodeError) as err:
         raise ModelError(f"adapter config in {str(folder)!r} is unreadable: {err}") from err
-    candidates = candidate_module_names(model)
+
+
+def check_target_modules(model: Any, folder: Path, config: Any = None, candidates: list[str] | None = None) -> int:
+    """Count the modules the adapter's target_modules match in `model`; raise when none match.
+
+    A caller may pass the folder's `config` (as `read_adapter_config` returns it) and `candidates`
+    (the `candidate_module_names` of `model` from an earlier call, still valid because LoRA wraps each
+    layer in place under its own name). Both spare rereading the file and walking the module tree.
+    """
+    from peft.tuners.tuners_utils import _ExcludedModule, check_target_module_exists
+
+    if config is None:
+        config = read_adapter_config(folder)
+    if candidates is None:
+        candidates = candidate_module_names(model)
     matched = [
         name for name in candidates
         if (hit := check_target_module_exists(config, name)) and not isinstance(hit, _ExcludedModule)

@@ -94,9 +94,11 @@ def promote(settings: Any, name: str, force: bool = False, heldout_file: Path | 
 
     # score both on identical token rows
     rows = tokenize_examples(generator.tokenizer, examples, max_seq_length(registry, entry), purpose="evaluation")
+    # PEFT names each loaded adapter by its slot inside the model
+    candidate_slot, incumbent_slot = generator.peft_adapter_names([name, incumbent_route])
     with generator.adapters_active():
-        candidate_score = heldout_loss(generator.model, generator.tokenizer, rows, adapter_name=name)
-        incumbent_score = heldout_loss(generator.model, generator.tokenizer, rows, adapter_name=incumbent_route)
+        candidate_score = heldout_loss(generator.model, generator.tokenizer, rows, adapter_name=candidate_slot)
+        incumbent_score = heldout_loss(generator.model, generator.tokenizer, rows, adapter_name=incumbent_slot)
     if candidate_score is None or incumbent_score is None:
         raise BedsideError("no evaluation example has an answer token within max_seq_length; pass --heldout FILE")
     evaluation["tokens"] = candidate_score["tokens"]
