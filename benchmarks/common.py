@@ -50,6 +50,8 @@ REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "benchmarks.md"
 SHARED_DATA = Path(os.environ.get("BEDSIDE_SHARED_DATA", REPO.parent / "shared" / "data"))
 FIGURES_DIR = REPO / ".cache" / "benchmarks" / "figures"
+# the retrieval benchmarks' index cache: retrieval_quality reads it, and retrieval_scale seeds its PubMedQA index
+RETRIEVAL_CACHE = REPO / ".cache" / "benchmarks" / "retrieval"
 # set by `benchmarks.run --quick` in each module's process, so recorded figures are marked as smoke runs
 QUICK_ENV = "BEDSIDE_BENCH_QUICK"
 SUMMARY_SECTION = "summary"
