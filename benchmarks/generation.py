@@ -1,7 +1,7 @@
 """Generation speed: decode tokens/s against llama.cpp and the memory-bandwidth bound, and time to
 first token in `ask`.
 
-    python -m benchmarks.generation [--quick] [--no-write] [--report-only]
+    python -m benchmarks.generation [--quick] [--threads-lever] [--no-write] [--report-only]
 
 Everything runs in one process, so each figure sits beside its reference measured minutes apart:
 
@@ -14,9 +14,9 @@ Everything runs in one process, so each figure sits beside its reference measure
 - The memory-bandwidth bound: a large tensor copy and a large sum measure bandwidth, and the bound
   is that bandwidth divided by the bytes of weights one decode step reads (fp32, bf16, and the Q4_1
   GGUF file llama.cpp reads).
-- Levers at batch 1 and 8 (the linear kernel, a static KV cache, bf16, and in full runs one thread
-  against all cores and `torch.compile`), each checked for greedy tokens equal to the fp32 path
-  with PyTorch's default kernel.
+- Levers at batch 1 and 8 (the linear kernel, a static KV cache, bf16, in full runs `torch.compile`,
+  and with `--threads-lever` one thread against all cores), each checked for greedy tokens equal to
+  the fp32 path with PyTorch's default kernel.
 - Time to first token in `ask`: the whole answer path (router, retrieval, prompt, prefill, first
   streamed text) on distinct demo questions, with and without prompt prefix reuse, and a profile of
   where the time goes.
@@ -62,13 +62,16 @@ SECTION = "generation"
 TARGET_BATCH1 = 0.6
 TARGET_BATCH8 = 1.0
 TARGET_TTFT_S = 1.5
-# Quick fits in about 3.5 minutes on an idle 2-core machine. Full adds longer outputs, more questions
-# and the thread-count and torch.compile levers. With 3 repeats it takes about 6 of `make bench`'s
-# 30 minutes (5 repeats took 8.6).
+# Full adds the torch.compile lever and a larger bandwidth tensor to quick. The 2-core machines
+# this suite runs on differ by up to 1.6x in speed (llama.cpp decoded 134 and 211 tokens/s at batch 1
+# on two of them), and on the slower one a full run with 64 new tokens, 8 questions and a thread-count
+# lever took 10.2 of `make bench`'s 30 minutes. So full decodes 32 tokens, as quick does, asks 5
+# questions, and times bf16 prefill on 2 prompts. `python -m benchmarks.generation --threads-lever`
+# adds the one-thread lever.
 QUICK = {"new_tokens": 32, "repeats": 3, "batch_sizes": [1, 4, 8, 16], "lever_batches": [1, 8],
-         "ask_questions": 6, "ask_new_tokens": 24, "extra_levers": False, "bandwidth_mib": 256}
-FULL = {"new_tokens": 64, "repeats": 3, "batch_sizes": [1, 4, 8, 16], "lever_batches": [1, 8],
-        "ask_questions": 8, "ask_new_tokens": 32, "extra_levers": True, "bandwidth_mib": 512}
+         "ask_questions": 5, "ask_new_tokens": 16, "extra_levers": False, "thread_lever": False,
+         "bf16_prefill_questions": 2, "bandwidth_mib": 256}
+FULL = {**QUICK, "extra_levers": True, "bandwidth_mib": 512}
 SYSTEM = "You are a clinical decision-support assistant. Answer briefly and factually."
 # the time-to-first-token variants
 TTFT_BEFORE = "before: default kernel, no prefix reuse"
@@ -493,7 +496,7 @@ def measure_levers(generator: Any, model: Any, bf16_model: Any, prompts: list[li
         runs["fp32, static KV cache"] = (lambda: linear_kernel(model, False),
                                          hf_runner(generator, model, rows, cache_implementation="static"))
         runs["bf16"] = (contextlib.nullcontext, hf_runner(generator, bf16_model, rows))
-        if preset["extra_levers"] and other_threads != threads:
+        if preset.get("thread_lever", preset["extra_levers"]) and other_threads != threads:
             label = f"fp32, {other_threads} thread{'s' if other_threads > 1 else ''}"
             runs[label] = (lambda: _both(linear_kernel(model, False), torch_threads(other_threads)), plain)
         results = interleaved_rates(runs, new_tokens, batch, repeats)
@@ -555,7 +558,8 @@ def measure_ttft(model: Any, bf16_model: Any, preset: dict[str, Any]) -> dict[st
         entry["identical"] = None if name == TTFT_TOP3 else sum(
             row["output"] == ref for row, ref in zip(entry["rows"], reference, strict=True))
     return {"ttft": ttft, "ask_questions": len(series), "profile_ms": profile_ask(assistant, series),
-            "prefill_bf16_ms": prefill_bf16(assistant, model, bf16_model, series)}
+            "prefill_bf16_ms": prefill_bf16(assistant, model, bf16_model, series[:preset["bf16_prefill_questions"]]),
+            "prefill_bf16_questions": min(len(series), preset["bf16_prefill_questions"])}
 
 
 def compile_lever(generator: Any, model: Any, prompts: list[list[int]], new_tokens: int,
@@ -706,8 +710,11 @@ def report(figures: dict[str, Any]) -> str:
             cells.append(f"{_fmt(entry['rate'])}{spread} ({same}{extra})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if not preset["extra_levers"]:
-        lines += ["", "Quick runs leave out the thread-count and `torch.compile` levers; the full run "
-                      "(`python -m benchmarks.generation`) measures them."]
+        lines += ["", "Quick runs leave out the `torch.compile` lever; the full run "
+                      "(`python -m benchmarks.generation`) measures it."]
+    if not preset.get("thread_lever", preset["extra_levers"]):
+        lines += ["", "This run left out the one-thread lever; `python -m benchmarks.generation --threads-lever` "
+                      "measures it."]
     profiles = figures.get("decode_profile", {})
     if profiles:
         groups = [name for name in next(iter(profiles.values())) if name != "ms_per_token_step"]
@@ -745,8 +752,9 @@ def report(figures: dict[str, Any]) -> str:
         lines.append(f"| {name} | {_fmt(ms, 0)} | {ms / total * 100:.0f}% |")
     prefill = figures.get("prefill_bf16_ms", {})
     if prefill:
-        lines += ["", f"The same prefills took {_fmt(prefill['bfloat16'], 0)} ms in bf16 against "
-                      f"{_fmt(prefill['float32'], 0)} ms in fp32 on the {figures['kernel']} kernel (median)."]
+        count = figures.get("prefill_bf16_questions", figures["ask_questions"])
+        lines += ["", f"The prefills of the first {count} questions took {_fmt(prefill['bfloat16'], 0)} ms in bf16 "
+                      f"against {_fmt(prefill['float32'], 0)} ms in fp32 on the {figures['kernel']} kernel (median)."]
     lines += ["", "### Targets: what is met, what is not, and why", "", *findings(figures)]
     return "\n".join(lines)
 
@@ -899,6 +907,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.generation", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the quick preset (about 3.5 minutes when idle)")
+    parser.add_argument("--threads-lever", action="store_true",
+                        help="also time decoding with one thread against all cores")
     parser.add_argument("--no-write", action="store_true", help="print the section instead of writing it")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite the section from the figures the last run saved, measuring nothing")
@@ -909,7 +919,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_only:
         _save_and_write(json.loads(RESULTS.read_text(encoding="utf-8")), write=not args.no_write)
         return 0
-    figures = measure(QUICK if args.quick else FULL)
+    figures = measure({**(QUICK if args.quick else FULL), "thread_lever": args.threads_lever})
     arguments = argv if argv is not None else sys.argv[1:]
     figures["command"] = " ".join(["python -m benchmarks.generation", *arguments])
     _save_and_write(figures, write=not args.no_write)
