@@ -63,11 +63,10 @@ TARGET_BATCH1 = 0.6
 TARGET_BATCH8 = 1.0
 TARGET_TTFT_S = 1.5
 # Full adds the torch.compile lever and a larger bandwidth tensor to quick. The 2-core machines
-# this suite runs on differ by up to 1.6x in speed (llama.cpp decoded 134 and 211 tokens/s at batch 1
-# on two of them), and on the slower one a full run with 64 new tokens, 8 questions and a thread-count
-# lever took 10.2 of `make bench`'s 30 minutes. So full decodes 32 tokens, as quick does, asks 5
-# questions, and times bf16 prefill on 2 prompts. `python -m benchmarks.generation --threads-lever`
-# adds the one-thread lever.
+# this suite runs on differ in speed: llama.cpp decoded 114 to 211 tokens/s at batch 1 on them. On
+# the slowest, a full run with 64 new tokens, 8 questions and a thread-count lever took 10.2 of
+# `make bench`'s 30 minutes. So full decodes 32 tokens, as quick does, asks 5 questions, and times
+# bf16 prefill on 2 prompts (5.3 minutes there). `--threads-lever` adds the one-thread lever.
 QUICK = {"new_tokens": 32, "repeats": 3, "batch_sizes": [1, 4, 8, 16], "lever_batches": [1, 8],
          "ask_questions": 5, "ask_new_tokens": 16, "extra_levers": False, "thread_lever": False,
          "bf16_prefill_questions": 2, "bandwidth_mib": 256}

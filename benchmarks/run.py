@@ -51,9 +51,9 @@ MODULES: dict[str, str] = {
     "load": "concurrent users against the server",
     "retrieval_quality": "recall of dense, BM25 and hybrid search on PubMedQA and MedQuAD",
 }
-# Modules outside the default suite, with the reason. `make bench` must finish within 30 minutes also
-# on the slower 2-core machines, which ran the suite 1.6 times slower than the fastest one seen.
-# Their last figures stay in the summary.
+# Modules outside the default suite, with the reason. `make bench` must finish within 30 minutes
+# also on the slowest 2-core machines seen (22.4 minutes there without these modules). Their last
+# figures stay in the summary.
 ON_REQUEST: dict[str, str] = {
     "retrieval_quality": "measures retrieval for the answer path rather than a speed target, and its first "
                          "run embeds about 7,800 chunks (about 6 minutes)",
