@@ -860,13 +860,13 @@ def render_load_rows(serving: dict[str, Any]) -> list[str]:
 
 def render_load_ratio(serving: dict[str, Any]) -> str:
     base = serving["base_load_s"]
-    text = (f"Loading an adapter into a free slot takes {serving['adapter_load_s'] / base:.3f}× the time of "
-            f"reloading the base (target ≤ {TARGETS['load_ratio']})")
     if "adapter_inject_load_s" not in serving:
-        return f"Loading an adapter takes {serving['adapter_load_s'] / base:.2f}× the time of reloading the base " \
-               f"(target ≤ {TARGETS['load_ratio']}). "
+        return (f"Loading an adapter takes {serving['adapter_load_s'] / base:.2f}× the time of reloading the base "
+                f"(target ≤ {TARGETS['load_ratio']}). ")
     return (
-        f"{text}, and one that injects new LoRA layers {serving['adapter_inject_load_s'] / base:.2f}×. "
+        f"Loading an adapter into a free slot takes {serving['adapter_load_s'] / base:.3f}× the time of "
+        f"reloading the base (target ≤ {TARGETS['load_ratio']}), and one that injects new LoRA layers "
+        f"{serving['adapter_inject_load_s'] / base:.2f}×. "
         "Unloading an adapter while others stay loaded keeps its LoRA layers as a free slot (at most "
         f"{serving.get('max_free_adapter_slots', 2)}), and the next adapter with the same LoRA shape "
         "(rank, alpha, target modules and the other shape fields of adapter_config.json) is copied into "

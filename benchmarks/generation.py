@@ -65,7 +65,7 @@ TARGET_TTFT_S = 1.5
 # Full adds the torch.compile lever and a larger bandwidth tensor to quick. The 2-core machines
 # this suite runs on differ in speed: llama.cpp decoded 114 to 211 tokens/s at batch 1 on them. On
 # the slowest, a full run with 64 new tokens, 8 questions and a thread-count lever took 10.2 of
-# `make bench`'s 30 minutes. So full decodes 32 tokens, as quick does, asks 5 questions, and times
+# `make bench`'s 30 minutes. So full decodes 32 tokens, as quick does, uses 5 questions, and times
 # bf16 prefill on 2 prompts (5.3 minutes there). `--threads-lever` adds the one-thread lever.
 QUICK = {"new_tokens": 32, "repeats": 3, "batch_sizes": [1, 4, 8, 16], "lever_batches": [1, 8],
          "ask_questions": 5, "ask_new_tokens": 16, "extra_levers": False, "thread_lever": False,
@@ -375,7 +375,7 @@ def profile_ask(assistant: Any, questions: list[str]) -> dict[str, float]:
         adapter = getattr(choice, "name", None)
         with generator.adapters_active(), torch.inference_mode():
             start = time.perf_counter()
-            generator.model(**inputs, **generator._adapter_kwargs([adapter]), logits_to_keep=1)
+            generator.model(**inputs, **generator.adapter_kwargs([adapter]), logits_to_keep=1)
             steps["prefill, full prompt"].append(time.perf_counter() - start)
     return {name: statistics.median(values) * 1e3 for name, values in steps.items()}
 

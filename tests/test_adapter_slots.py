@@ -77,8 +77,7 @@ def new_generator(base_model, model_spec, **kwargs):
 def route_logits(generator, adapter):
     inputs = generator.encode([PROBE])
     with generator.adapters_active(), torch.inference_mode():
-        names = {"adapter_names": generator.peft_adapter_names([adapter])} if generator.adapters else {}
-        return generator.model(**inputs, **names).logits
+        return generator.model(**inputs, **generator.adapter_kwargs([adapter])).logits
 
 
 def slot_names(generator):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import threading
 import time
 from collections.abc import Iterator
@@ -89,8 +88,6 @@ class _AdapterSlot:
     shape_key: str | None
     # adapter_model.safetensors key -> the parameter of this slot that PEFT loads it into
     parameters: dict[str, Any] = field(default_factory=dict)
-    # the LoRA layers of this slot, whose `scaling` is set when an adapter is copied in
-    layers: list[Any] = field(default_factory=list)
 
 
 def slot_shape_key(config: Any) -> str | None:
@@ -266,8 +263,8 @@ class LocalGenerator:
     def unload_adapter(self, name: str) -> None:
         """Remove a loaded adapter; removing the last one restores the bare base model's own layers.
 
-        While other adapters stay loaded, the adapter's LoRA layers are kept as a free slot when it
-        can be reused and fewer than `max_free_adapter_slots` are free; otherwise PEFT deletes them.
+        While other adapters stay loaded, the adapter's LoRA layers are kept as a free slot if the slot
+        can be reused and fewer than `max_free_adapter_slots` are free. Otherwise PEFT deletes them.
         """
         with self.lock:
             if name not in self.adapters:
@@ -345,7 +342,6 @@ class LocalGenerator:
 
     def _describe_slot(self, slot_name: str, path: Path, config: Any) -> _AdapterSlot:
         """Map the adapter file's keys to the slot's parameters, or mark the slot as not reusable."""
-        from peft.tuners.lora import LoraLayer
         from safetensors import safe_open
 
         from assistant.tuning.registry import ADAPTER_WEIGHTS
@@ -370,9 +366,7 @@ class LocalGenerator:
             logger.info("adapter slot %s is not reusable: %d file keys, %d slot parameters, %d in common",
                         slot_name, len(file_keys), len(parameters), len(file_keys & set(parameters)))
             return _AdapterSlot(slot_name, None)
-        layers = [layer for layer in self._adapter_layers
-                  if isinstance(layer, LoraLayer) and slot_name in layer.scaling]
-        return _AdapterSlot(slot_name, shape_key, parameters, layers)
+        return _AdapterSlot(slot_name, shape_key, parameters)
 
     def _copy_into_free_slot(self, name: str, path: Path, config: Any) -> _AdapterSlot | None:
         """Copy the adapter's weights into a free slot of its shape and return the slot.
@@ -409,9 +403,8 @@ class LocalGenerator:
         except RuntimeError as err:
             raise ModelError(f"could not copy adapter {name!r} into slot {slot.name}: {err}") from err
         self._free_slots.remove(slot)
-        for layer in slot.layers:
-            rank, alpha = layer.r[slot.name], layer.lora_alpha[slot.name]
-            layer.scaling[slot.name] = alpha / math.sqrt(rank) if layer.use_rslora[slot.name] else alpha / rank
+        # Each layer's `scaling` stays as PEFT set it for the slot: r, lora_alpha, use_rslora and the
+        # rank and alpha patterns are part of the shape key, so the new adapter's scaling is the same.
         config.inference_mode = True
         self.model.peft_config[slot.name] = config
         return slot
@@ -452,7 +445,8 @@ class LocalGenerator:
             finally:
                 self._set_adapter_layers(False)
 
-    def _adapter_kwargs(self, adapters: list[str | None]) -> dict[str, Any]:
+    def adapter_kwargs(self, adapters: list[str | None]) -> dict[str, Any]:
+        """Build the keyword arguments that route each row to its adapter's slot; empty when none is loaded."""
         peft_names = self.peft_adapter_names(adapters)
         if not self.adapters:
             return {}
@@ -540,7 +534,7 @@ class LocalGenerator:
             raise ValueError("adapters must list one entry (or None) per conversation")
         inputs = self.encode(messages_list)
         with self.adapters_active():
-            output = self._run_generate(inputs, self._adapter_kwargs(adapters), adapters[0], settings)
+            output = self._run_generate(inputs, self.adapter_kwargs(adapters), adapters[0], settings)
         width = inputs["input_ids"].shape[1]
         return [self.tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in output]
 
@@ -555,7 +549,7 @@ class LocalGenerator:
 
         settings = settings or GenerationSettings()
         inputs = self.encode([messages])
-        adapter_kwargs = self._adapter_kwargs([adapter])
+        adapter_kwargs = self.adapter_kwargs([adapter])
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
         failure: list[BaseException] = []
 

@@ -133,8 +133,7 @@ class SharedPrefixGenerator:
         attention = torch.tensor([[1] * prefix + [0] * (width - len(r)) + [1] * len(r) for r in rests])
 
         # PEFT names each adapter by its slot inside the model, and the mapping rejects unloaded adapters
-        peft_names = generator.peft_adapter_names(adapters)
-        adapter_kwargs = {"adapter_names": peft_names} if generator.adapters else {}
+        adapter_kwargs = generator.adapter_kwargs(adapters)
 
         # this path brings its own cache, and generate rejects a cache together with cache_implementation
         generate_kwargs = settings.generate_kwargs(tokenizer)
@@ -168,8 +167,7 @@ class SharedPrefixGenerator:
             if len(self._prefix_kv) > 32:
                 self._prefix_kv.clear()
             ids = torch.tensor([self.prefix_ids], dtype=torch.long, device=next(model.parameters()).device)
-            kwargs = {"adapter_names": self.generator.peft_adapter_names([adapter])} if self.generator.adapters else {}
-            output = model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs)
+            output = model(input_ids=ids, use_cache=True, logits_to_keep=1, **self.generator.adapter_kwargs([adapter]))
             cache = output.cache if hasattr(output, "cache") else output.past_key_values
             self._prefix_kv[key] = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
         return self._prefix_kv[key]
